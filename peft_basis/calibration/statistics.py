@@ -1,0 +1,128 @@
+"""Calibration statistics: what the engine streams, how it is reduced across ranks and stored."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..linalg import CalibrationError, check_finite_gram
+
+FORMAT_VERSION = 1
+
+
+def atomic_write(path: str, write) -> None:
+    """Call ``write(tmp_path)`` then rename into place, so a crash never leaves a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+@dataclass
+class CalibrationStatistics:
+    """Per-module streaming statistics.
+
+    ``grams[key]`` is ``sum_tokens x^T x`` (float32, ``d_in x d_in``) of one *distinct input*;
+    ``sources[module_name]`` says which key a module's input Gram lives under (q/k/v of one layer
+    read the same tensor and share one key), ``tokens[key]`` how many tokens it saw.
+    ``extra`` holds method-specific tensors (e.g. Fisher scores, ``"fisher/<module>"``).
+    """
+
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def gram(self, module_name: str) -> torch.Tensor:
+        try:
+            return self.grams[self.sources[module_name]]
+        except KeyError:
+            raise CalibrationError(
+                f"No calibration statistics for {module_name!r}. It was not a target when `calibrate` ran, or it was "
+                "never called in the forward pass: call `calibrate(model, config, dataloader)` with the same config "
+                "you pass to `get_peft_model`."
+            ) from None
+
+    def num_tokens(self, module_name: str) -> int:
+        return self.tokens[self.sources[module_name]]
+
+    def covariance(self, module_name: str) -> torch.Tensor:
+        """Uncentred input covariance ``X^T X / N`` (what CorDA and BASIS whiten with)."""
+        return self.gram(module_name) / max(self.num_tokens(module_name), 1)
+
+    def __contains__(self, module_name: str) -> bool:
+        return module_name in self.sources
+
+    def validate(self) -> None:
+        for key, g in self.grams.items():
+            check_finite_gram(g, key)
+            if self.tokens.get(key, 0) == 0:
+                raise CalibrationError(
+                    f"{key} saw no calibration tokens: the dataloader yielded no tokens (empty `input_ids`, or an "
+                    "attention mask of all zeros). Pass batches with at least one real token."
+                )
+
+    # ---- distributed -------------------------------------------------------------------------
+    def all_reduce(self) -> None:
+        """Sum statistics over the ranks of an initialised ``torch.distributed`` group (any backend),
+        so N ranks on N shards of the data end with what one rank on all of it would have."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        keys = sorted(self.grams)
+        for k in keys:
+            torch.distributed.all_reduce(self.grams[k])
+        for k in sorted(self.extra):
+            torch.distributed.all_reduce(self.extra[k])
+        counts = torch.tensor([self.tokens[k] for k in keys], dtype=torch.float64, device=self.grams[keys[0]].device
+                              if keys else "cpu")
+        torch.distributed.all_reduce(counts)
+        self.tokens = {k: int(c) for k, c in zip(keys, counts.tolist())}
+
+    # ---- storage -----------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write to one safetensors file (atomically); reload with :meth:`load`."""
+        tensors = {f"gram/{k}": v.contiguous().cpu() for k, v in self.grams.items()}
+        tensors.update({f"extra/{k}": v.contiguous().cpu() for k, v in self.extra.items()})
+        metadata = {
+            "format": "peft_basis.calibration",
+            "version": str(FORMAT_VERSION),
+            "tokens": json.dumps(self.tokens),
+            "sources": json.dumps(self.sources),
+            "meta": json.dumps(self.meta),
+        }
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    @classmethod
+    def load(cls, path: str) -> "CalibrationStatistics":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged header
+            raise CalibrationError(f"{path} is not a readable safetensors file ({e}). Re-run `calibrate` and save again.") from e
+        if metadata.get("format") != "peft_basis.calibration":
+            raise CalibrationError(f"{path} is a safetensors file but not peft-basis calibration statistics.")
+        tensors = load_file(path)
+        stats = cls(
+            grams={k[5:]: v for k, v in tensors.items() if k.startswith("gram/")},
+            extra={k[6:]: v for k, v in tensors.items() if k.startswith("extra/")},
+            tokens={k: int(v) for k, v in json.loads(metadata["tokens"]).items()},
+            sources=json.loads(metadata["sources"]),
+            meta=json.loads(metadata.get("meta", "{}")),
+        )
+        stats.validate()
+        return stats

@@ -1,0 +1,147 @@
+"""What every peft-basis tuner shares: config fields, target resolution, statistics hand-off."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule, check_target_module_exists
+from torch import nn
+
+from ..modules import find_linear_names, is_linear, output_embedding_names
+
+INSTALL_HINT = "This adapter was made with peft-basis: `pip install peft-basis` and `import peft_basis` before loading it."
+
+
+@dataclass
+class BasisConfigBase(PeftConfig):
+    """Fields common to the peft-basis tuners (PEFT's names and meanings)."""
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names (suffixes) or a regex to adapt. None: every Linear/Conv1D inside the repeated decoder "
+            "blocks, never the (possibly tied) output embedding."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to skip."})
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer container name."})
+    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Not supported; keep None."})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra modules to train and save."})
+    rank_pattern: dict = field(
+        default_factory=dict,
+        metadata={"help": "Per-module (or per-group) ranks, filled from data at creation so loading needs no data."},
+    )
+    damping: float = field(
+        default=1e-6, metadata={"help": "Eigenvalues of a Gram below damping * mean eigenvalue are clamped to it."}
+    )
+    # Read by humans and by tools that meet this file without peft-basis installed (PEFT then fails
+    # with a bare KeyError on the peft_type, so the hint is the first thing anyone reading the JSON sees).
+    requires: str = field(default=INSTALL_HINT, metadata={"help": "How to load this adapter."})
+    peft_basis_version: Optional[str] = field(default=None, metadata={"help": "peft-basis version that wrote it."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        from .. import __version__
+
+        if self.peft_basis_version is None:
+            self.peft_basis_version = __version__
+        if self.target_parameters:
+            raise ValueError(f"{type(self).__name__} adapts whole Linear modules; `target_parameters` is not supported.")
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if not self.damping > 0:
+            raise ValueError(f"damping must be > 0, got {self.damping}")
+
+    # Calibration statistics handed from `calibrate` to `get_peft_model`. Not a dataclass field, so
+    # it is never written to adapter_config.json.
+    @property
+    def calibration_statistics(self):
+        return getattr(self, "_calibration_statistics", None)
+
+    def attach_statistics(self, stats) -> None:
+        object.__setattr__(self, "_calibration_statistics", stats)
+
+    def __deepcopy__(self, memo):
+        # PEFT copies configs in places; statistics can be gigabytes, so the copy shares them.
+        import copy
+
+        cls = type(self)
+        new = cls.__new__(cls)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            object.__setattr__(new, k, v if k == "_calibration_statistics" else copy.deepcopy(v, memo))
+        return new
+
+
+class BasisTunerBase(BaseTuner):
+    """Target resolution every method shares: PEFT's matching rules, a default that works on any
+    causal LM (all Linear/Conv1D inside the repeated blocks, output embedding excluded), and errors
+    that list what could have been targeted."""
+
+    target_module_mapping: dict = {}
+
+    def _prepare_adapter_config(self, peft_config, model_config):
+        if peft_config.target_modules is None:
+            names = find_linear_names(self.model)
+            if not names:
+                raise ValueError(
+                    f"{type(peft_config).__name__}: found no nn.Linear / Conv1D inside repeated blocks of this model; "
+                    "pass `target_modules` explicitly."
+                )
+            peft_config.target_modules = sorted({n.rsplit(".", 1)[-1] for n in names})
+        return peft_config
+
+    @classmethod
+    def resolve_target_names(cls, model: nn.Module, config: BasisConfigBase) -> list[str]:
+        """Full names of the modules ``config`` targets in ``model`` (what calibration hooks)."""
+        if config.target_modules is None:
+            default = sorted({n.rsplit(".", 1)[-1] for n in find_linear_names(model)})
+            config = _with_targets(config, default)
+        names, wrong_type = [], []
+        skip = output_embedding_names(model)
+        for name, module in model.named_modules():
+            match = check_target_module_exists(config, name) if name else False
+            if not match or isinstance(match, _ExcludedModule):
+                continue
+            if is_linear(module):
+                if name in skip and config.target_modules != {name}:
+                    continue
+                names.append(name)
+            elif not any(isinstance(m, nn.Module) and is_linear(m) for m in module.children()):
+                wrong_type.append(f"{name} ({type(module).__name__})")
+        if wrong_type:
+            raise ValueError(
+                f"{type(config).__name__} only factorises nn.Linear and Conv1D, but target_modules also matched "
+                f"{wrong_type[:5]}. Narrow `target_modules`."
+            )
+        if not names:
+            available = sorted({n.rsplit('.', 1)[-1] for n in find_linear_names(model, include_output_embedding=True)})
+            raise ValueError(
+                f"target_modules={config.target_modules!r} matched no Linear layer in {type(model).__name__}. "
+                f"Linear layers in this model: {available}."
+            )
+        return names
+
+    def _check_new_adapter_config(self, config) -> None:
+        super()._check_new_adapter_config(config)
+
+
+def _with_targets(config, targets):
+    import copy
+
+    c = copy.copy(config)
+    object.__setattr__(c, "target_modules", set(targets))
+    return c
+
+
+def warn_no_calibration(method: str) -> None:
+    warnings.warn(
+        f"{method}: no calibration statistics were attached to this config, so the factors come from a data-free "
+        "SVD of the weights. Quality will be poor (on SmolLM2-135M, plain SVD at 90% rank raises perplexity "
+        "from 27 to ~70,000). Call `peft_basis.calibrate(model, config, dataloader)` first.",
+        stacklevel=3,
+    )

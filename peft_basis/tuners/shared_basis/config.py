@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from ..._peft_type import add_peft_type
+from ..base import BasisConfigBase
+
+# Which matrix types share a basis across layers by default (paper section 1.6: the configs it shipped);
+# the rest are private (per-layer whitened SVD = SVD-LLM). Unknown architectures share nothing by
+# default, which is never worse than SVD-LLM; `group_size="auto"` decides from data instead.
+DEFAULT_SHARED_MODULES = {
+    "llama": ["q_proj", "k_proj", "v_proj", "up_proj", "gate_proj"],
+    "mistral": ["q_proj", "up_proj", "gate_proj"],
+    "opt": ["q_proj", "k_proj", "v_proj", "fc1"],
+    "gpt2": ["c_attn", "c_fc", "attn.c_proj"],
+}
+
+
+@dataclass
+class SharedBasisConfig(BasisConfigBase):
+    """Basis Sharing (arXiv 2410.03765): whitened SVD with one input basis shared by the same matrix
+    of ``group_size`` consecutive layers and per-layer coefficients, at an exact compression ratio.
+
+    Args:
+        compression_ratio: fraction of the targeted weights' parameters REMOVED (0.2 keeps 80%), the
+            meaning of the paper's tables. The stored factors are at most ``1 - compression_ratio``
+            of the targeted dense parameters and within one rank step of it.
+        group_size: layers per shared basis (``1`` = private per-layer whitened SVD, i.e. SVD-LLM),
+            or ``"auto"``: for each matrix type, try 1, 2 and 4 and keep the one with the lowest
+            calibration output error at the same parameter count, so it is never worse than per-layer.
+        shared_modules: which matrix types share (when ``group_size`` is an int > 1). ``None``: the
+            paper's choice for the architecture, nothing for unknown ones.
+        rank_allocation: ``"uniform"`` (the paper: the same ratio for every group) or ``"global"``
+            (one budget for all targets, spent where it cuts the relative calibration error most).
+        keep_dense_weight: keep the original dense weights in memory (needed for
+            ``disable_adapter()``); off by default, since dropping them is what makes the model smaller.
+        groups: filled at creation: group key -> member module names. With ``rank_pattern`` it lets
+            ``PeftModel.from_pretrained`` rebuild the exact shapes without data.
+    """
+
+    compression_ratio: float = field(default=0.2, metadata={"help": "Fraction of targeted parameters removed."})
+    group_size: Union[int, str] = field(default=2, metadata={"help": "Layers per shared basis, or 'auto'."})
+    shared_modules: Optional[list[str]] = field(default=None, metadata={"help": "Matrix types that share."})
+    auto_group_sizes: list[int] = field(default_factory=lambda: [1, 2, 4], metadata={"help": "Tried by 'auto'."})
+    rank_allocation: str = field(default="uniform", metadata={"help": "'uniform' or 'global'."})
+    keep_dense_weight: bool = field(default=False, metadata={"help": "Keep dense weights (for disable_adapter)."})
+    groups: dict = field(default_factory=dict, metadata={"help": "Filled at creation: group -> module names."})
+
+    def __post_init__(self):
+        self.peft_type = add_peft_type("SHARED_BASIS")
+        super().__post_init__()
+        if not 0 <= self.compression_ratio < 1:
+            raise ValueError(
+                f"compression_ratio is the fraction of parameters removed and must be in [0, 1); got "
+                f"{self.compression_ratio}. (0.2 keeps 80% of the targeted parameters.)"
+            )
+        if self.group_size != "auto" and not (isinstance(self.group_size, int) and self.group_size >= 1):
+            raise ValueError(f"group_size must be a positive int or 'auto', got {self.group_size!r}")
+        if self.rank_allocation not in ("uniform", "global"):
+            raise ValueError(f"rank_allocation must be 'uniform' or 'global', got {self.rank_allocation!r}")
+        if isinstance(self.shared_modules, set):
+            self.shared_modules = sorted(self.shared_modules)
