@@ -1,0 +1,66 @@
+"""Quality, size and speed, measured the same way for every method."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
+    """Token-level perplexity over ``blocks`` (``n x seq_len`` ids), every block scored whole."""
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    for i in range(0, blocks.shape[0], batch_size):
+        ids = blocks[i : i + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        target = ids[:, 1:]
+        nll += nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
+        count += target.numel()
+    model.train(was_training)
+    return math.exp(nll / count)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameter elements (tied embeddings counted once; dropped dense weights count 0)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+@torch.no_grad()
+def tokens_per_second(model: nn.Module, batch_size: int = 8, seq_len: int = 256, repeats: int = 3,
+                      vocab_size: int | None = None) -> float:
+    """Forward throughput (prefill, no KV cache) on random ids; best of ``repeats`` after a warm-up."""
+    vocab_size = vocab_size or model.config.vocab_size
+    ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    model(input_ids=ids, use_cache=False)
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        best = min(best, time.perf_counter() - t)
+    return batch_size * seq_len / best
+
+
+def size_on_disk(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
