@@ -119,9 +119,9 @@ def whitened_svd(weights: list[torch.Tensor], whitener: Whitener | None, rank: i
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
     """Calibration output error ``tr((W - W_hat) G (W - W_hat)^T)``, relative to ``tr(W G W^T)``."""
-    d = (weight.to(torch.float64) - approx.to(torch.float64))
-    g = gram.to(torch.float64)
-    w = weight.to(torch.float64)
+    d = weight.detach().to(torch.float64) - approx.detach().to(torch.float64)
+    g = gram.detach().to(torch.float64)
+    w = weight.detach().to(torch.float64)
     num = torch.einsum("oi,ij,oj->", d, g, d)
     den = torch.einsum("oi,ij,oj->", w, g, w)
     return float(num / den.clamp_min(1e-300))
