@@ -90,7 +90,7 @@ class SharedBasisModel(BasisTunerBase):
                     "it onto the base model it was created from."
                 )
             for key, members in config.groups.items():
-                rank = config.rank_pattern[key]
+                rank = config.rank_pattern[members[0]]
                 d_in, d_out = shapes[members[0]]
                 dtype = modules[members[0]].weight.dtype
                 bases[key] = nn.Parameter(torch.zeros(rank, d_in, dtype=dtype))
@@ -164,7 +164,8 @@ class SharedBasisModel(BasisTunerBase):
                 if stats is not None:
                     errors.append(output_error(weights[m], coef @ f.basis, stats.gram(m)))
             config.groups[group.key] = group.members
-            config.rank_pattern[group.key] = rank
+            # keyed by module, as PEFT expects of rank_pattern (it warns about keys matching no target)
+            config.rank_pattern.update({m: rank for m in group.members})
             report.append(
                 {
                     "group": group.key,
@@ -228,12 +229,16 @@ class SharedBasisModel(BasisTunerBase):
         if not hasattr(new_module, "base_layer"):
             return
         device = next((p.device for p in child.parameters() if p.device.type != "meta"), None)
-        if device is not None:
+        # low_cpu_mem_usage: new parameters sit on meta until the checkpoint is assigned; leave them there
+        if device is not None and not any(p.device.type == "meta" for p in new_module.parameters()):
             new_module.to(device)
 
     def _post_injection_hook(self, model, config, adapter_name) -> None:
         self._pending = {}
-        self.sb_bases[adapter_name].to(next(model.parameters()).device)
+        device = next((p.device for p in model.parameters() if p.device.type != "meta"), None)
+        bases = self.sb_bases[adapter_name]
+        if device is not None and not any(p.device.type == "meta" for p in bases.parameters()):
+            bases.to(device)
 
     # ---- sizes -------------------------------------------------------------------------------------
     def stored_parameters(self, adapter_name: str = "default") -> int:
