@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..._peft_type import add_peft_type
+from ..base import BasisConfigBase
+
+PHASES = ("train", "factorized")
+INITS = ("auto", "svd", "whitened")
+
+
+@dataclass
+class BaselConfig(BasisConfigBase):
+    """Basel (TMLR 2025; arXiv 2405.15877): re-learn the importance of every target weight's SVD bases on
+    one task, prune the unimportant ones on a schedule during training, and end with a factorised model
+    that stores ``keep_ratio`` of the targeted dense parameters.
+
+    Training phase, per target Linear (``W = U diag(s) Vh``, directions with ``s < svd_threshold * mean(s)``
+    dropped)::
+
+        W_eff = U diag(w^2) Vh + U_add Vh_add        # U, Vh frozen; w = sqrt(s), U_add = 0, Vh_add random
+
+    Pruning physically removes bases (rows of ``Vh``, columns of ``U``, entries of ``w``), so pruned
+    bases cost neither memory nor compute. At the end of training (``basel_step`` at the last step, or
+    :class:`BaselCallback` ``on_train_end``, or ``consolidate()``) every target is re-factorised to its
+    final rank ``r``: ``W_eff ~ B A`` with ``A`` ``r x d_in`` and ``B`` ``d_out x r``. That is what
+    ``save_pretrained`` writes; ``rank_pattern`` records every final rank, so ``PeftModel.from_pretrained``
+    rebuilds the exact shapes without data.
+
+    Args:
+        keep_ratio: fraction of the targeted modules' dense parameters that the final factors hold,
+            ``sum_l r_l (d_in + d_out) <= keep_ratio * sum_l d_in d_out``, within one rank step. In (0, 1].
+        extra_rank: rank of the trainable extra bases ``U_add Vh_add`` (the paper's ``r_add``, 32).
+        warmup_ratio / warmup_steps: training before the first pruning (the paper's ``keeping_epoch``);
+            ``warmup_steps`` (absolute) overrides the ratio.
+        prune_end_ratio / prune_end_step: where the last pruning happens; the final ranks are reached
+            exactly there, and the remaining steps train at those ranks. ``prune_end_step`` overrides.
+        pruning_steps: number of pruning events between warm-up and the end (the paper's
+            ``shrinking_steps``, 50). With fewer training steps than events, several fall on one step.
+        init: ``"svd"`` (the paper: plain SVD of ``W``), ``"whitened"`` (SVD of ``W S^T`` with
+            ``S^T S`` the task's input Gram from ``peft_basis.calibrate``, so the initial importances
+            ``w^2`` measure each basis' contribution to the task's outputs), or ``"auto"``: whitened when
+            calibration statistics are attached, plain SVD otherwise.
+        svd_threshold: directions with singular value below ``svd_threshold * mean`` are dropped at
+            initialisation and at export (the paper's rule, 1e-3).
+        min_rank: no module is pruned below this rank.
+        keep_dense_weight: keep the dense weights in memory (for ``disable_adapter()``); off by default.
+        rank_pattern / phase / initial_fraction: filled by the tuner (current ranks, ``"train"`` or
+            ``"factorized"``, stored fraction at creation), so a checkpoint or the final adapter reloads
+            with exact shapes and the schedule resumes where it was.
+    """
+
+    keep_ratio: float = field(default=0.5, metadata={"help": "Fraction of targeted dense parameters kept."})
+    extra_rank: int = field(default=32, metadata={"help": "Rank of the trainable extra bases."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Fraction of training before pruning starts."})
+    warmup_steps: Optional[int] = field(default=None, metadata={"help": "Absolute warm-up steps (overrides)."})
+    prune_end_ratio: float = field(default=0.7, metadata={"help": "Fraction of training where pruning ends."})
+    prune_end_step: Optional[int] = field(default=None, metadata={"help": "Absolute last pruning step (overrides)."})
+    pruning_steps: int = field(default=50, metadata={"help": "Number of pruning events."})
+    init: str = field(default="auto", metadata={"help": "'auto', 'svd' or 'whitened'."})
+    svd_threshold: float = field(default=1e-3, metadata={"help": "Drop singular values below this * mean."})
+    min_rank: int = field(default=1, metadata={"help": "Lowest rank any module is pruned to."})
+    keep_dense_weight: bool = field(default=False, metadata={"help": "Keep dense weights (for disable_adapter)."})
+    phase: str = field(default="train", metadata={"help": "Filled: 'train' or 'factorized'."})
+    initial_fraction: Optional[float] = field(default=None, metadata={"help": "Filled: stored fraction at creation."})
+
+    def __post_init__(self):
+        self.peft_type = add_peft_type("BASEL")
+        super().__post_init__()
+        if not (isinstance(self.keep_ratio, (int, float)) and 0 < self.keep_ratio <= 1):
+            raise ValueError(
+                f"keep_ratio is the fraction of the targeted parameters the factors keep and must be in (0, 1]; got "
+                f"{self.keep_ratio!r}. (keep_ratio=0.5 halves the targeted parameters.)"
+            )
+        if not (isinstance(self.extra_rank, int) and self.extra_rank >= 0):
+            raise ValueError(f"extra_rank must be an int >= 0, got {self.extra_rank!r}")
+        if not 0 <= self.warmup_ratio < self.prune_end_ratio <= 1:
+            raise ValueError(
+                f"Need 0 <= warmup_ratio < prune_end_ratio <= 1; got warmup_ratio={self.warmup_ratio}, "
+                f"prune_end_ratio={self.prune_end_ratio}."
+            )
+        if self.warmup_steps is not None and self.prune_end_step is not None and self.warmup_steps >= self.prune_end_step:
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} must be smaller than prune_end_step={self.prune_end_step}."
+            )
+        if not (isinstance(self.pruning_steps, int) and self.pruning_steps >= 1):
+            raise ValueError(f"pruning_steps must be an int >= 1, got {self.pruning_steps!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
+        if not (isinstance(self.min_rank, int) and self.min_rank >= 1):
+            raise ValueError(f"min_rank must be an int >= 1, got {self.min_rank!r}")
