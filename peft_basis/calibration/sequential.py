@@ -178,6 +178,7 @@ class _Captured(Exception):
 @dataclass
 class _Batch:
     hidden: torch.Tensor
+    args: tuple  # positional arguments after the hidden states (GPT-2 passes its mask positionally)
     kwargs: dict
     token_mask: torch.Tensor | None
 
@@ -214,16 +215,10 @@ def _capture_first_layer_inputs(model, runner, first_layer, batches, device, pro
                     pass
                 else:
                     raise RuntimeError("The model's forward never called its first decoder layer.")
-                args, kw = store["args"], dict(store["kwargs"])
+                args, kw = tuple(store["args"]), dict(store["kwargs"])
                 hidden = args[0] if args else kw.pop("hidden_states")
-                if len(args) > 1:
-                    raise ValueError(
-                        f"{type(first_layer).__name__} is called with {len(args)} positional arguments; the sequential "
-                        "pipeline supports decoder layers called as layer(hidden_states, **kwargs) (all transformers "
-                        "decoders of version 5)."
-                    )
                 token_mask = None if mask is None else mask.reshape(-1).bool()
-                captured.append(_Batch(hidden, kw, token_mask))
+                captured.append(_Batch(hidden, args[1:], kw, token_mask))
     finally:
         handle.remove()
     return captured
@@ -297,7 +292,7 @@ def iter_layer_statistics(
             for b in captured:
                 collector._seen.clear()
                 collector.token_mask = b.token_mask
-                out = layer(b.hidden, **b.kwargs)
+                out = layer(b.hidden, *b.args, **b.kwargs)
                 b.hidden = out[0] if isinstance(out, (tuple, list)) else out
         collector._seen.clear()
         never = [n for n in targets if n not in collector.stats.sources]
