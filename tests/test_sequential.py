@@ -1,0 +1,176 @@
+"""The layer-sequential pipeline and lean loading, against the whole-model path on tiny checkpoints on disk."""
+
+import json
+import os
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import peft_basis  # noqa: F401
+from peft_basis.calibration import calibrate
+from peft_basis.calibration.sequential import (
+    SafetensorsStreamWriter,
+    ShardedCheckpoint,
+    compress_sequential,
+    iter_layer_statistics,
+)
+from peft_basis.evaluation import count_parameters
+from peft_basis.lean import load_lean
+from peft_basis.tuners.shared_basis import SharedBasisConfig
+
+from .models import BUILDERS, tiny_llama, token_batches
+
+IDS = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(3))
+
+
+def save_checkpoint(model, path, shard=True):
+    # small shards: the pipeline must follow model.safetensors.index.json across files
+    model.save_pretrained(path, max_shard_size="60KB" if shard else "10GB")
+    return str(path)
+
+
+def whole_model_adapter(model, config, data, path):
+    calibrate(model, config, data, progress=False)
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(path)
+    return peft_model
+
+
+def assert_same_adapter(whole_dir, seq_dir, atol=1e-5):
+    a = load_file(os.path.join(whole_dir, "adapter_model.safetensors"))
+    b = load_file(os.path.join(seq_dir, "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, k
+        assert (a[k] - b[k]).abs().max().item() <= atol * max(1.0, a[k].abs().max().item()), k
+    ja = json.loads(open(os.path.join(whole_dir, "adapter_config.json")).read())
+    jb = json.loads(open(os.path.join(seq_dir, "adapter_config.json")).read())
+    ja.pop("base_model_name_or_path"), jb.pop("base_model_name_or_path")
+    assert ja == jb
+
+
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("arch,allocation", [("llama", "uniform"), ("llama", "global"),
+                                             pytest.param("gpt2", "uniform", marks=SLOW),
+                                             pytest.param("opt", "global", marks=SLOW),
+                                             pytest.param("mistral", "uniform", marks=SLOW)])
+def test_same_adapter_as_whole_model_path(arch, allocation, tmp_path):
+    base = BUILDERS[arch](layers=3)
+    path = save_checkpoint(base, tmp_path / "base")
+    data = token_batches(3)
+    whole = whole_model_adapter(base, SharedBasisConfig(compression_ratio=0.3, rank_allocation=allocation), data,
+                                tmp_path / "whole")
+    report = compress_sequential(path, SharedBasisConfig(compression_ratio=0.3, rank_allocation=allocation), data,
+                                 str(tmp_path / "seq"), progress=False)
+    assert_same_adapter(tmp_path / "whole", tmp_path / "seq")
+    assert sorted(os.listdir(tmp_path / "seq")) == ["adapter_config.json", "adapter_model.safetensors"]  # scratch gone
+    # the report matches the tuner's, error for error
+    ref = {r["group"]: r for r in whole.base_model.compression_report}
+    assert {r["group"] for r in report} == set(ref)
+    for r in report:
+        assert r["rank"] == ref[r["group"]]["rank"] and r["params"] == ref[r["group"]]["params"]
+        assert abs(r["relative_error"] - ref[r["group"]]["relative_error"]) < 1e-6
+    # and it loads onto the base model with PEFT's own call, giving the whole path's logits
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), tmp_path / "seq").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, whole(IDS).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_grams_equal_whole_model_grams_and_qkv_share_one(tmp_path):
+    base = tiny_llama(layers=3)
+    path = save_checkpoint(base, tmp_path / "base")
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 128, (2, 16), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 11:] = 0  # right padding: padded tokens must not enter the Grams
+    data = [{"input_ids": ids, "attention_mask": mask}, {"input_ids": ids.flip(0), "attention_mask": mask.flip(0)}]
+    config = SharedBasisConfig()
+    whole = calibrate(base, config, data, progress=False)
+    seen_layers = []
+    for item in iter_layer_statistics(path, SharedBasisConfig(), data, progress=False):
+        seen_layers.append(item.index)
+        # one decoder layer in memory: the others (and the embeddings) are on the meta device
+        model_layers = item.layer  # the yielded one is real
+        assert all(p.device.type != "meta" for p in model_layers.parameters())
+        s = item.stats
+        q, k, v = (f"model.layers.{item.index}.self_attn.{n}_proj" for n in "qkv")
+        assert s.sources[k] == s.sources[q] == s.sources[v] == q  # q/k/v read one tensor: one Gram
+        up = f"model.layers.{item.index}.mlp.up_proj"
+        assert s.sources[up] == f"model.layers.{item.index}.mlp.gate_proj"
+        for name in item.targets:
+            assert s.num_tokens(name) == whole.num_tokens(name) == 2 * (11 + 16)  # real tokens only
+            torch.testing.assert_close(s.gram(name), whole.gram(name), atol=1e-4, rtol=1e-5)
+    assert seen_layers == [0, 1, 2]
+
+
+def test_only_the_current_layer_is_materialised(tmp_path):
+    path = save_checkpoint(tiny_llama(layers=4), tmp_path / "base")
+    from peft_basis.calibration.sequential import meta_model
+
+    model = meta_model(path)
+    for item in iter_layer_statistics(path, SharedBasisConfig(), token_batches(1), progress=False, model=model):
+        real = {i for i, layer in enumerate(model.model.layers) if any(p.device.type != "meta" for p in layer.parameters())}
+        assert real == {item.index}
+        assert model.model.embed_tokens.weight.device.type == "meta"  # embeddings freed after the first pass
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_unsupported_settings_fail_with_the_fix(tmp_path):
+    path = save_checkpoint(tiny_llama(layers=2), tmp_path / "base", shard=False)
+    with pytest.raises(ValueError, match="group_size='auto'.*integer group_size"):
+        compress_sequential(path, SharedBasisConfig(group_size="auto"), token_batches(1), str(tmp_path / "o"))
+    from peft import LoraConfig
+
+    with pytest.raises(TypeError, match="supports SharedBasisConfig.*iter_layer_statistics"):
+        compress_sequential(path, LoraConfig(), token_batches(1), str(tmp_path / "o"))
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        ShardedCheckpoint(str(tmp_path))
+    with pytest.raises(Exception, match="no batches"):
+        compress_sequential(path, SharedBasisConfig(), [], str(tmp_path / "o"), progress=False)
+
+
+def test_stream_writer_round_trip_and_order(tmp_path):
+    specs = {"b": ((3, 2), torch.float32), "a": ((4,), torch.bfloat16), "c": ((2, 2), torch.float16)}
+    values = {"b": torch.randn(3, 2), "a": torch.randn(4).to(torch.bfloat16), "c": torch.randn(2, 2).half()}
+    w = SafetensorsStreamWriter(str(tmp_path / "x.safetensors"), specs, {"format": "pt"})
+    for k in specs:
+        w.write(k, values[k])
+    w.close()
+    loaded = load_file(tmp_path / "x.safetensors")
+    assert all(torch.equal(loaded[k], values[k]) for k in values)
+    w = SafetensorsStreamWriter(str(tmp_path / "y.safetensors"), specs)
+    with pytest.raises(RuntimeError, match="declaration order"):
+        w.write("a", values["a"])
+    w.abort()
+    assert not (tmp_path / "y.safetensors").exists() and not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lean_loading_never_reads_replaced_weights(arch, tmp_path, monkeypatch):
+    base = BUILDERS[arch](layers=3)
+    path = save_checkpoint(base, tmp_path / "base")
+    compress_sequential(path, SharedBasisConfig(compression_ratio=0.3), token_batches(2), str(tmp_path / "seq"),
+                        progress=False)
+    dense = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), tmp_path / "seq").eval()
+    read = []
+    original = ShardedCheckpoint.get
+
+    def spy(self, key, dtype=None):
+        read.append(key)
+        return original(self, key, dtype)
+
+    monkeypatch.setattr(ShardedCheckpoint, "get", spy)
+    lean = load_lean(path, str(tmp_path / "seq"))
+    replaced = {f"{m}.weight" for ms in lean.peft_config["default"].groups.values() for m in ms}
+    assert replaced and not replaced & set(read)
+    with torch.no_grad():
+        assert torch.equal(lean(IDS).logits, dense(IDS).logits)
+    assert count_parameters(lean) == count_parameters(dense)
+    assert not [n for n, p in lean.named_parameters() if p.device.type == "meta"]
+    assert sum(p.numel() * p.element_size() for p in lean.parameters()) < sum(
+        p.numel() * p.element_size() for p in base.parameters())
