@@ -118,8 +118,8 @@ class BaselLayer(nn.Module, BaseTunerLayer):
         weight = self.effective_weight(adapter_name).detach()
         rank = self.rank(adapter_name)
         f = whitened_svd([weight], whitener, rank)
-        s = f.singular_values[:rank]
-        rank = max(1, int((s >= svd_threshold * f.singular_values.mean()).sum()))
+        plain = torch.linalg.svdvals(weight.double())  # the paper's rule: drop numerically-zero directions of W_eff
+        rank = min(rank, max(1, int((plain >= svd_threshold * plain.mean()).sum())))
         new_A = f.basis[:rank].to(A.dtype).contiguous()
         new_B = f.coefficients[0][:, :rank].to(A.dtype).contiguous()
         for d in (self.basel_w, self.basel_A_add, self.basel_B_add):
