@@ -514,12 +514,14 @@ def _compress(model_path, model, config, groups, dataloader, output_dir, scratch
             f = whitened_svd([open_weights[m] for m in g.members], _whitener(stats, g.members, config, cache), 1)
             s2 = f.singular_values.double() ** 2
             spectra[g.key] = s2 / s2.sum()
-        # forget what no open group needs any more
-        still_open = [g for g in groups if last_layer[g.key] > i]
-        keep_layers = {layer_index(m) for g in still_open for m in g.members if layer_index(m) <= i}
-        keep_members = {m for g in still_open for m in g.members}
-        for j in [j for j in open_stats if j not in keep_layers]:
-            del open_stats[j]
+        # forget what no open group needs any more: only the Grams and weights of members of groups that span
+        # later layers stay (shared q/k/v and gate/up inputs), never a private module's (down_proj: the largest)
+        keep_members = {m for g in groups if last_layer[g.key] > i for m in g.members if layer_index(m) <= i}
+        for j in list(open_stats):
+            kept = [m for m in keep_members if layer_index(m) == j]
+            open_stats[j] = _group_stats(open_stats, kept)
+            if not kept:
+                del open_stats[j]
         for n in [n for n in open_weights if n not in keep_members]:
             del open_weights[n]
     if not is_main:
