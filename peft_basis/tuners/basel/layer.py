@@ -6,7 +6,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...linalg import Whitener, whitened_svd
+from ...linalg import Whitener
 from ...modules import in_out_features
 from ..factorized import dense_is_dropped, drop_dense_weight, factorized_forward, write_dense_weight
 
@@ -109,23 +109,35 @@ class BaselLayer(nn.Module, BaseTunerLayer):
 
     @torch.no_grad()
     def consolidate(self, adapter_name: str, whitener: Optional[Whitener], svd_threshold: float) -> int:
-        """Re-factorise ``W_eff`` to the current rank (whitened SVD when a whitener is given, so the
-        truncation minimises the task's output error), drop ``w`` and the extra bases; returns the rank."""
+        """Re-factorise ``W_eff`` to the current rank ``r`` (whitened when a whitener is given, so the
+        truncation minimises the task's output error), drop ``w`` and the extra bases; returns the rank.
+
+        ``W_eff = [B w^2 | B_add] [A; A_add]`` has rank ``q <= r + r_add``, so the SVD runs on a ``q x q`` core
+        after two thin QRs instead of on the ``d_out x d_in`` matrix."""
         if self.basel_phase[adapter_name] != "train":
             return self.rank(adapter_name)
         A = self.basel_A[adapter_name]
         trainable = self.basel_w[adapter_name].requires_grad
-        weight = self.effective_weight(adapter_name).detach()
         rank = self.rank(adapter_name)
-        f = whitened_svd([weight], whitener, rank)
-        plain = torch.linalg.svdvals(weight.double())  # the paper's rule: drop numerically-zero directions of W_eff
-        rank = min(rank, max(1, int((plain >= svd_threshold * plain.mean()).sum())))
-        new_A = f.basis[:rank].to(A.dtype).contiguous()
-        new_B = f.coefficients[0][:, :rank].to(A.dtype).contiguous()
+        w2 = self.basel_w[adapter_name].detach().double() ** 2
+        left = torch.cat([self.basel_B[adapter_name].detach().double() * w2, self.basel_B_add[adapter_name].detach().double()], 1)
+        right = torch.cat([A.detach().double(), self.basel_A_add[adapter_name].detach().double()], 0)
+        q_left, r_left = torch.linalg.qr(left)
+        # the paper's rule on W_eff's own spectrum: drop numerically-zero directions (mean over all min(d) values)
+        plain = torch.linalg.svdvals(r_left @ torch.linalg.qr(right.T)[1].T)
+        floor = svd_threshold * plain.sum() / min(self.in_features, self.out_features)
+        rank = min(rank, max(1, int((plain >= floor).sum())))
+        white_right = right if whitener is None else right @ whitener.matrix.T
+        q_right, r_right = torch.linalg.qr(white_right.T)
+        u, s, vh = torch.linalg.svd(r_left @ r_right.T)
+        coefficient = (q_left @ u[:, :rank]) * s[:rank]
+        basis = vh[:rank] @ q_right.T
+        if whitener is not None:
+            basis = basis @ whitener.inverse.T
         for d in (self.basel_w, self.basel_A_add, self.basel_B_add):
             del d[adapter_name]
-        self.basel_A[adapter_name] = nn.Parameter(new_A, requires_grad=trainable)
-        self.basel_B[adapter_name] = nn.Parameter(new_B, requires_grad=trainable)
+        self.basel_A[adapter_name] = nn.Parameter(basis.to(A.dtype).contiguous(), requires_grad=trainable)
+        self.basel_B[adapter_name] = nn.Parameter(coefficient.to(A.dtype).contiguous(), requires_grad=trainable)
         self.basel_phase[adapter_name] = "factorized"
         return rank
 
