@@ -55,6 +55,7 @@ def load_lean(model_path: str, adapter_path: str, *, dtype: torch.dtype | None =
                 continue
             if name in ckpt:
                 _set_tensor(model, name, ckpt.get(name, dtype).to(device))
+                ckpt.close()  # unmap at once: mapped shard pages count in RSS
         model.tie_weights()  # a tied output embedding is not in the checkpoint; it shares the input one
         for name, b in list(model.named_buffers()):
             if b.device.type == "meta" and name in ckpt:

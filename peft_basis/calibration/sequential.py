@@ -148,6 +148,24 @@ def materialize(module: nn.Module, prefix: str, ckpt: ShardedCheckpoint, dtype: 
         _set_tensor(module, name, value.to(device))
 
 
+def trim_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and RSS then creeps up a few MB per
+    layer, which over 80 layers would look like growth with depth). A no-op where glibc is absent."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
 def release(module: nn.Module) -> None:
     """Send ``module``'s parameters back to the meta device (frees their memory)."""
     for name, p in list(module.named_parameters(recurse=True)):
@@ -268,6 +286,7 @@ def iter_layer_statistics(
                and (id(p) not in out_ids or n in ckpt)]
     for n in outside:
         _set_tensor(model, n, ckpt.get(n, dtype).to(device))
+    ckpt.close()
     captured = _capture_first_layer_inputs(model, runner, layers[0], batches, device, progress)
     for n in outside:  # the embeddings are not needed any more
         p = model.get_parameter(n)
@@ -286,6 +305,7 @@ def iter_layer_statistics(
             )
         prefix = f"{layer_prefix}{i}."
         materialize(layer, prefix, ckpt, dtype, device)
+        ckpt.close()  # unmap the shard: its pages would otherwise stay in this process's RSS
         targets = {n: model.get_submodule(n) for n in by_layer.get(i, [])}
         collector = GramCollector(targets)
         with torch.no_grad(), collector.attached():
@@ -306,6 +326,7 @@ def iter_layer_statistics(
             yield LayerStatistics(i, f"{layer_prefix}{i}", layer, targets, stats)
         finally:
             release(layer)
+            trim_memory()
     ckpt.close()
 
 
@@ -555,6 +576,8 @@ def _compress(model_path, model, config, groups, dataloader, output_dir, scratch
             for m in g.members:
                 w = ckpt.get(m + ".weight", dtype)
                 weights[m] = w.T if isinstance(model.get_submodule(m), Conv1D) else w  # d_out x d_in
+            ckpt.close()
+            trim_memory()
             f = whitened_svd([weights[m] for m in g.members], _whitener(stats, g.members, config, {}), rank)
             dt = weight_dtypes[g.members[0]]
             writer.write(f"base_model.sb_bases.{g.key}", f.basis.to(dt))
