@@ -174,3 +174,29 @@ def test_lean_loading_never_reads_replaced_weights(arch, tmp_path, monkeypatch):
     assert not [n for n, p in lean.named_parameters() if p.device.type == "meta"]
     assert sum(p.numel() * p.element_size() for p in lean.parameters()) < sum(
         p.numel() * p.element_size() for p in base.parameters())
+
+
+def test_calibrate_sequential_attaches_the_whole_model_statistics(tmp_path):
+    from peft_basis.calibration import CalibrationStatistics
+    from peft_basis.calibration.sequential import calibrate_sequential
+
+    base = tiny_llama(layers=2)
+    path = save_checkpoint(base, tmp_path / "base")
+    data = token_batches(2)
+    whole = calibrate(base, SharedBasisConfig(), data, progress=False)
+    config = SharedBasisConfig()
+    stats = calibrate_sequential(path, config, data, progress=False, save_to=str(tmp_path / "stats.safetensors"))
+    assert config.calibration_statistics is stats
+    assert stats.sources == whole.sources and stats.tokens == whole.tokens
+    for k, g in whole.grams.items():
+        torch.testing.assert_close(stats.grams[k], g, atol=1e-4, rtol=1e-5)
+    reloaded = CalibrationStatistics.load(str(tmp_path / "stats.safetensors"))
+    assert all(torch.equal(reloaded.grams[k], stats.grams[k]) for k in stats.grams)
+    # the statistics drive get_peft_model exactly as calibrate's do
+    a = get_peft_model(tiny_llama(layers=2), config)
+    config2 = SharedBasisConfig()
+    calibrate(tiny_llama(layers=2), config2, data, progress=False)
+    b = get_peft_model(tiny_llama(layers=2), config2)
+    assert config.rank_pattern == config2.rank_pattern
+    with torch.no_grad():
+        torch.testing.assert_close(a(IDS).logits, b(IDS).logits, atol=1e-5, rtol=1e-5)

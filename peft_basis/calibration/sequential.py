@@ -54,6 +54,7 @@ from .statistics import CalibrationStatistics, atomic_write
 
 __all__ = [
     "LayerStatistics",
+    "calibrate_sequential",
     "SafetensorsStreamWriter",
     "ShardedCheckpoint",
     "compress_sequential",
@@ -328,6 +329,39 @@ def iter_layer_statistics(
             release(layer)
             trim_memory()
     ckpt.close()
+
+
+def calibrate_sequential(
+    model_path: str,
+    config,
+    dataloader: Iterable,
+    *,
+    max_batches: int | None = None,
+    progress: bool = True,
+    dtype: torch.dtype | None = None,
+    save_to: str | None = None,
+) -> CalibrationStatistics:
+    """``calibrate`` for a checkpoint on disk, one decoder layer in memory at a time: the input Grams of every
+    target of ``config`` (any registered peft-basis config: SharedBasis, Basel's whitened initialisation, BASIS
+    covariances), attached to ``config`` as ``calibrate`` attaches them, optionally saved to ``save_to``.
+
+    The result holds every layer's Grams (what the method's ``get_peft_model`` reads), but never the dense
+    model. Methods that also run backward passes (``extra_calibration``, e.g. Fisher scores) are not run here:
+    their statistics need gradients through all later layers; run ``calibrate`` on the whole (offloaded) model
+    for those."""
+    from . import use_statistics
+
+    merged = CalibrationStatistics()
+    for item in iter_layer_statistics(model_path, config, dataloader, max_batches=max_batches, progress=progress,
+                                      dtype=dtype):
+        merged.grams.update(item.stats.grams)
+        merged.tokens.update(item.stats.tokens)
+        merged.sources.update(item.stats.sources)
+    merged.meta["pipeline"] = "sequential"
+    if save_to is not None:
+        merged.save(save_to)
+    use_statistics(config, merged)
+    return merged
 
 
 # ---- writing safetensors without holding the whole file in memory ------------------------------------
