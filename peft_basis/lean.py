@@ -72,6 +72,9 @@ def load_lean(model_path: str, adapter_path: str, *, dtype: torch.dtype | None =
         hollow = torch.empty_strided(tuple(p.shape), (0,) * p.dim(), dtype=dtype or p.dtype, device=device)
         owner._parameters[leaf] = nn.Parameter(hollow, requires_grad=False)
     peft_model = PeftModel.from_pretrained(model, adapter_path, adapter_name=adapter_name, low_cpu_mem_usage=True)
+    # PEFT reads the adapter file onto its inferred device (CUDA when present); the layers' tensors follow their
+    # base layer, but tensors on the tuner itself (the shared bases) would stay there: put everything on `device`.
+    peft_model.to(device)
     hollow_left = [n for n, p in peft_model.named_parameters() if p.numel() > 0 and 0 in p.stride()]
     if hollow_left:
         raise RuntimeError(f"The adapter did not replace {hollow_left[:3]}; it does not match this base model.")

@@ -473,6 +473,7 @@ def compress_sequential(
     dtype: torch.dtype | None = None,
     scratch_dir: str | None = None,
     save_statistics_to: str | None = None,
+    device: torch.device | str = "cpu",
 ) -> list[dict]:
     """Compress the checkpoint at ``model_path`` with Basis Sharing, one decoder layer in memory at a time.
 
@@ -487,7 +488,8 @@ def compress_sequential(
     (default: a temporary folder next to ``output_dir``, removed afterwards); ``save_statistics_to``
     additionally keeps them there, one ``layer_<i>.safetensors`` file per layer
     (:class:`CalibrationStatistics` format). Under ``torch.distributed`` call it on every rank with
-    that rank's shard of the data; rank 0 writes.
+    that rank's shard of the data; rank 0 writes. ``device``: where each layer runs and its Grams
+    accumulate (e.g. ``f"cuda:{local_rank}"`` with NCCL); the factorisation reads them back on the CPU.
     """
     from ..tuners.shared_basis.model import SharedBasisModel
 
@@ -507,7 +509,7 @@ def compress_sequential(
         scratch = tempfile.mkdtemp(prefix=".sequential-grams-", dir=output_dir) if is_main else None
     try:
         report = _compress(model_path, model, config, groups, dataloader, output_dir, scratch, is_main,
-                           max_batches=max_batches, progress=progress, dtype=dtype)
+                           max_batches=max_batches, progress=progress, dtype=dtype, device=device)
     finally:
         if own_scratch and is_main and scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -537,7 +539,7 @@ def _whitener(stats: CalibrationStatistics, members: list[str], config, cache: d
 
 
 def _compress(model_path, model, config, groups, dataloader, output_dir, scratch, is_main, *, max_batches,
-              progress, dtype) -> list[dict]:
+              progress, dtype, device) -> list[dict]:
     from ..tuners.shared_basis.model import SharedBasisModel
 
     last_layer = {g.key: max(layer_index(m) for m in g.members) for g in groups}
@@ -549,7 +551,7 @@ def _compress(model_path, model, config, groups, dataloader, output_dir, scratch
 
     # ---- phase 1: stream the layers; spectra of each group as soon as it is complete --------------------
     for item in iter_layer_statistics(model_path, config, dataloader, max_batches=max_batches, progress=progress,
-                                      dtype=dtype, model=model):
+                                      dtype=dtype, model=model, device=device):
         i = item.index
         open_stats[i] = item.stats
         if is_main:
