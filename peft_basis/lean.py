@@ -71,10 +71,18 @@ def load_lean(model_path: str, adapter_path: str, *, dtype: torch.dtype | None =
         p = owner._parameters[leaf]
         hollow = torch.empty_strided(tuple(p.shape), (0,) * p.dim(), dtype=dtype or p.dtype, device=device)
         owner._parameters[leaf] = nn.Parameter(hollow, requires_grad=False)
-    peft_model = PeftModel.from_pretrained(model, adapter_path, adapter_name=adapter_name, low_cpu_mem_usage=True)
-    # PEFT reads the adapter file onto its inferred device (CUDA when present); the layers' tensors follow their
-    # base layer, but tensors on the tuner itself (the shared bases) would stay there: put everything on `device`.
-    peft_model.to(device)
+    # Inject with PEFT (adapter tensors on meta), then assign the adapter file in chunks with PEFT's own
+    # set_peft_model_state_dict: PeftModel.from_pretrained would first read the whole file into memory, which
+    # (with the file's mapped pages) costs twice the adapter at the peak.
+    peft_config.inference_mode = True
+    # Under the meta device context, the tuner's placeholders for the factors (zeros it fills from the file)
+    # take no memory either.
+    with torch.device("meta"):
+        peft_model = PeftModel(model, peft_config, adapter_name=adapter_name, low_cpu_mem_usage=True)
+    _load_adapter_in_chunks(peft_model, adapter_path, adapter_name, device)
+    peft_model.to(device)  # tensors on the tuner itself (the shared bases) follow no base layer
+    for p in peft_model.parameters():  # inference, as PeftModel.from_pretrained(is_trainable=False) leaves it
+        p.requires_grad_(False)
     hollow_left = [n for n, p in peft_model.named_parameters() if p.numel() > 0 and 0 in p.stride()]
     if hollow_left:
         raise RuntimeError(f"The adapter did not replace {hollow_left[:3]}; it does not match this base model.")
@@ -85,3 +93,35 @@ def load_lean(model_path: str, adapter_path: str, *, dtype: torch.dtype | None =
             f"the checkpoint at {model_path} is incomplete for this architecture."
         )
     return peft_model.eval()
+
+
+CHUNK_BYTES = 64 * 2**20
+
+
+def _load_adapter_in_chunks(peft_model, adapter_path: str, adapter_name: str, device) -> None:
+    import os
+
+    from peft.utils import set_peft_model_state_dict
+    from safetensors import safe_open
+
+    file = os.path.join(adapter_path, "adapter_model.safetensors")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file} not found: lean loading reads safetensors adapters (save_pretrained's default).")
+    with safe_open(file, framework="pt") as f:
+        keys = list(f.keys())
+    unexpected: list[str] = []
+    i = 0
+    while i < len(keys):
+        chunk, size = {}, 0
+        with safe_open(file, framework="pt", device="cpu") as f:  # reopened per chunk: mapped pages are released
+            while i < len(keys) and (not chunk or size < CHUNK_BYTES):
+                t = f.get_tensor(keys[i]).to(device)
+                chunk[keys[i]] = t
+                size += t.numel() * t.element_size()
+                i += 1
+        result = set_peft_model_state_dict(peft_model, chunk, adapter_name=adapter_name, low_cpu_mem_usage=True)
+        unexpected += result.unexpected_keys
+        del chunk
+    if unexpected:
+        raise RuntimeError(f"The adapter holds tensors this model has no place for (e.g. {unexpected[:3]}); load it onto "
+                           "the base model it was made from.")

@@ -165,7 +165,9 @@ def test_lean_loading_never_reads_replaced_weights(arch, tmp_path, monkeypatch):
         return original(self, key, dtype)
 
     monkeypatch.setattr(ShardedCheckpoint, "get", spy)
+    monkeypatch.setattr("peft_basis.lean.CHUNK_BYTES", 1)  # one adapter tensor per chunk: the chunked path
     lean = load_lean(path, str(tmp_path / "seq"))
+    assert not any(p.requires_grad for p in lean.parameters())  # inference, as PeftModel.from_pretrained
     replaced = {f"{m}.weight" for ms in lean.peft_config["default"].groups.values() for m in ms}
     assert replaced and not replaced & set(read)
     with torch.no_grad():
