@@ -147,9 +147,20 @@ def main() -> None:
     ap.add_argument("--domain", default="britannica")
     ap.add_argument("--whole-max-depth", type=int, default=2,
                     help="run the whole-model path only up to this depth factor (it is the slow, memory-hungry one)")
+    ap.add_argument("--lean-only", action="store_true",
+                    help="re-measure only the loading rows, from the adapter an earlier full run left in the work dir")
     args = ap.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args.model, args.out, args.ratio, args.data)))
+        return
+    if args.lean_only:
+        from peft_basis.data import default_model_path
+
+        with open(os.path.join(RESULTS, "scaling.json")) as f:
+            results = json.load(f)
+        _measure_loading(results, default_model_path(), os.path.join(WORK, "adapter-sequential-30"), args.ratio,
+                         os.path.join(WORK, "calibration_blocks.safetensors"))
+        _write(results)
         return
 
     from safetensors.torch import load_file, save_file
@@ -189,14 +200,17 @@ def main() -> None:
                 "max_abs_value": max(float(a[k].abs().max()) for k in a),
                 "adapter_bytes": os.path.getsize(os.path.join(WORK, "adapter-sequential-30", "adapter_model.safetensors")),
             }
-            adapter = os.path.join(WORK, "adapter-sequential-30")
-            for mode in ("dense_load", "lean_load"):
-                results["lean"][mode] = run_worker(mode, real, adapter, args.ratio, data_file)
-            la = torch.load(os.path.join(adapter, "logits_dense_load.pt"), weights_only=True)["logits"]
-            lb = torch.load(os.path.join(adapter, "logits_lean_load.pt"), weights_only=True)["logits"]
-            results["lean"]["logits_equal"] = bool(torch.equal(la, lb))
+            _measure_loading(results, real, os.path.join(WORK, "adapter-sequential-30"), args.ratio, data_file)
         _write(results)
     _write(results)
+
+
+def _measure_loading(results, real, adapter, ratio, data_file) -> None:
+    for mode in ("dense_load", "lean_load"):
+        results["lean"][mode] = run_worker(mode, real, adapter, ratio, data_file)
+    la = torch.load(os.path.join(adapter, "logits_dense_load.pt"), weights_only=True)["logits"]
+    lb = torch.load(os.path.join(adapter, "logits_lean_load.pt"), weights_only=True)["logits"]
+    results["lean"]["logits_equal"] = bool(torch.equal(la, lb))
 
 
 def _write(results: dict) -> None:
