@@ -222,3 +222,20 @@ def test_sequential_on_cuda_matches_the_cpu_whole_model_path(tmp_path):
             wa = a[f"base_model.model.{m}.sb_coefficient"] @ a[f"base_model.sb_bases.{group}"]
             wb = b[f"base_model.model.{m}.sb_coefficient"] @ b[f"base_model.sb_bases.{group}"]
             assert (wa - wb).abs().max() <= 1e-3 * wa.abs().max()
+
+
+def test_calibrate_sequential_feeds_basel_whitened_init(tmp_path):
+    basel = pytest.importorskip("peft_basis.tuners.basel")
+    from peft_basis.calibration.sequential import calibrate_sequential
+
+    base = tiny_llama(layers=2)
+    path = save_checkpoint(base, tmp_path / "base")
+    data = token_batches(2)
+    whole_config = basel.BaselConfig(init="whitened")
+    calibrate(base, whole_config, data, progress=False)
+    whole = get_peft_model(base, whole_config)
+    seq_config = basel.BaselConfig(init="whitened")
+    calibrate_sequential(path, seq_config, data, progress=False)
+    seq = get_peft_model(tiny_llama(layers=2), seq_config)
+    with torch.no_grad():
+        torch.testing.assert_close(seq(IDS).logits, whole(IDS).logits, atol=1e-5, rtol=1e-5)
