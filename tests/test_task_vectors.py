@@ -181,6 +181,10 @@ def test_lora_adapters_in_and_out(builder, tmp_path):
         assert len(ranks) == n_mod and set(ranks.values()) == {4}
         exported = PeftModel.from_pretrained(fresh_copy(base), out)
         assert (logits(exported) - logits(ref)).abs().max() < 1e-5
+    # a PeftModel in memory is read in place (its active adapter), same deltas as from its folder
+    held = PeftModel.from_pretrained(fresh_copy(base), folders[3])
+    mixed = TaskVectorBasis.from_models(base, folders[:3] + [held], method="pca", num_bases=3, task_names=NAMES)
+    assert torch.allclose(mixed.gram, tvb.gram, rtol=1e-9)
     # the sum of 4 rank-4 deltas is rank <= 16 per module: still an adapter
     ranks = tvb.export_lora(base, str(tmp_path / "sum"), combine="tasks", alpha=0.5)
     assert max(ranks.values()) == 16

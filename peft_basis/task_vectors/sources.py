@@ -155,10 +155,15 @@ def adapter_delta(layer, adapter_name: str) -> torch.Tensor:
 class _AdapterHost:
     """One copy of the base model carrying every adapter (by name); deltas computed on demand."""
 
-    def __init__(self, base_model: nn.Module):
+    def __init__(self, base_model: nn.Module | None, peft_model=None):
         self.base = base_model
-        self.peft_model = None
+        self.peft_model = peft_model
         self._layers: dict[str, object] = {}
+        if peft_model is not None:  # a PeftModel the caller already holds: read its layers in place
+            self._layers = dict(_tuner_layers(peft_model))
+
+    def keys_of(self, adapter_name: str) -> set[str]:
+        return {f"{n}.weight" for n, layer in self._layers.items() if adapter_name in _layer_adapters(layer)}
 
     def add(self, path: str, adapter_name: str) -> set[str]:
         from peft import PeftModel
@@ -192,9 +197,9 @@ class AdapterDeltaSource(Source):
 
     implicit_zero = True
 
-    def __init__(self, host: _AdapterHost, path: str, adapter_name: str):
-        self.host, self.adapter_name, self.name = host, adapter_name, path
-        self._keys = sorted(host.add(path, adapter_name))
+    def __init__(self, host: _AdapterHost, path: str | None, adapter_name: str):
+        self.host, self.adapter_name, self.name = host, adapter_name, path or adapter_name
+        self._keys = sorted(host.add(path, adapter_name) if path is not None else host.keys_of(adapter_name))
         if not self._keys:
             raise TaskVectorError(f"The adapter at {path} adapts no weight this code can read a delta from.")
 
@@ -259,7 +264,12 @@ class DeltaReader:
         self.base = as_source(base, "base")
         host = None
         self.tasks: list[Source] = []
+        from peft import PeftModel
+
         for i, (ft, tname) in enumerate(zip(fine_tunes, task_names)):
+            if isinstance(ft, PeftModel):
+                self.tasks.append(AdapterDeltaSource(_AdapterHost(None, ft), None, ft.active_adapter))
+                continue
             if isinstance(ft, str):
                 path = resolve_path(ft)
                 if is_adapter_folder(path):
