@@ -290,7 +290,7 @@ def markdown(r, args) -> str:
               "", "| build | seconds | peak RSS above loaded model | bound (output + (T+1) chunks) |", "|---|---|---|---|"]
     for m in ("ae", "pca"):
         lines.append(f"| {m} | {b[m]['seconds']:.1f} | {b[m]['peak_above_model'] / 2**20:.0f} MiB | "
-                     f"{r['bound'][m] / 2**20:.0f} MiB (+ one copy of the base model for adapter deltas) |")
+                     f"{r['bound'][m] / 2**20:.0f} MiB |")
     lines.append(f"\nTotal benchmark time {r['seconds'] / 60:.1f} min (1 thread).")
     return "\n".join(lines) + "\n"
 

@@ -196,7 +196,12 @@ def test_ia3_adapter_delta_by_merging(tmp_path):
     base = tiny_llama(2)
     folders = lora_folders(base, tmp_path, n=2, targets=("k_proj", "down_proj"), cls=IA3Config,
                            feedforward_modules=["down_proj"])
+    before = {k: v.clone() for k, v in base.state_dict().items()}
     tvb = TaskVectorBasis.from_models(base, folders, method="ae", num_bases=2, task_names=["x", "y"], steps=1500)
+    # the adapters were read on a structural copy sharing the base's weights: merged, read, restored exactly
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+    assert all(p.requires_grad for p in base.parameters())
+    assert not any("lora" in n or "ia3" in n for n, _ in base.named_modules())
     exact = TaskVectorBasis.from_models(base, folders, method="pca", num_bases=1, task_names=["x", "y"])
     ref = PeftModel.from_pretrained(fresh_copy(base), folders[1]).merge_and_unload()
     assert (logits(apply_delta(base, exact.recover("y"), 1.0)) - logits(ref)).abs().max() < 1e-5

@@ -152,6 +152,14 @@ def adapter_delta(layer, adapter_name: str) -> torch.Tensor:
     return delta
 
 
+def _structural_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every parameter and buffer with ``model`` (no weight
+    memory): PEFT injects its layers into the copy, the caller's model keeps its own modules. Weights
+    are only read (``get_delta_weight``) or, for the merge fallback, changed and restored bit-exactly."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
 class _AdapterHost:
     """One copy of the base model carrying every adapter (by name); deltas computed on demand."""
 
@@ -170,11 +178,14 @@ class _AdapterHost:
 
         import peft_basis  # noqa: F401  (registers our adapter types before PEFT reads the config)
 
+        flags = {id(p): p.requires_grad for p in self.base.parameters()}
         if self.peft_model is None:
-            self.peft_model = PeftModel.from_pretrained(copy.deepcopy(self.base), path, adapter_name=adapter_name)
+            self.peft_model = PeftModel.from_pretrained(_structural_copy(self.base), path, adapter_name=adapter_name)
         else:
             self.peft_model.load_adapter(path, adapter_name=adapter_name)
         self.peft_model.eval()
+        for p in self.base.parameters():  # PEFT freezes the (shared) base weights: give the caller's flags back
+            p.requires_grad_(flags[id(p)])
         keys = set()
         for name, layer in _tuner_layers(self.peft_model):
             self._layers[name] = layer
