@@ -55,7 +55,7 @@ def assert_same_adapter(whole_dir, seq_dir, atol=1e-5):
 SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("arch,allocation", [("llama", "uniform"), ("llama", "global"),
+@pytest.mark.parametrize("arch,allocation", [("llama", "uniform"), pytest.param("llama", "global", marks=SLOW),
                                              pytest.param("gpt2", "uniform", marks=SLOW),
                                              pytest.param("opt", "global", marks=SLOW),
                                              pytest.param("mistral", "uniform", marks=SLOW)])
