@@ -64,7 +64,20 @@ def rss_now() -> int:
 
 
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak RSS since the last reset_peak() (VmHWM; ru_maxrss would include the model load's own peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass
 
 
 def finetune(model, blocks, steps, batch, lr, seed, out_dir):
@@ -94,6 +107,7 @@ def measure_build(args):
     torch.set_num_threads(1)
     model, _ = load_default_model()
     before = rss_now()
+    reset_peak()
     t0 = time.perf_counter()
     tvb = TaskVectorBasis.from_models(model, args.adapters, method=args.measure_build, num_bases=args.num_bases,
                                       task_names=args.tasks, chunk_elements=args.chunk)
