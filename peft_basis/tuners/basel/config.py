@@ -43,7 +43,8 @@ class BaselConfig(BasisConfigBase):
             ``w^2`` measure each basis' contribution to the task's outputs), or ``"auto"``: whitened when
             calibration statistics are attached, plain SVD otherwise.
         svd_threshold: directions with singular value below ``svd_threshold * mean`` are dropped at
-            initialisation and at export (the paper's rule, 1e-3).
+            export (consolidation, on ``W_eff``'s own spectrum) and, with the plain-SVD init, at initialisation
+            (the paper's rule, 1e-3). The whitened init keeps every direction so the model starts exact.
         min_rank: no module is pruned below this rank.
         keep_dense_weight: keep the dense weights in memory (for ``disable_adapter()``); off by default.
         rank_pattern / phase / initial_fraction: filled by the tuner (current ranks, ``"train"`` or

@@ -101,10 +101,11 @@ class BaselModel(BasisTunerBase):
                 vh = vh @ wh.inverse.T
             else:
                 u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-            # The paper's rule drops numerically-zero directions of W itself; applied to the whitened spectrum it
-            # would also drop directions the calibration text happens not to excite, and change the model.
-            plain = s if not whitened else torch.linalg.svdvals(weight)
-            r = min(len(s), max(1, int((plain >= config.svd_threshold * plain.mean()).sum())))
+            # The paper's rule drops numerically-zero directions of W itself. Applied to the whitened spectrum it
+            # would also drop directions the calibration text happens not to excite, and change the model; so the
+            # whitened init keeps every direction (the first pruning event removes the weak ones) and the rule is
+            # applied at consolidation, to W_eff's own spectrum.
+            r = len(s) if whitened else max(1, int((s >= config.svd_threshold * s.mean()).sum()))
             r_add = min(config.extra_rank, d_in, d_out)
             dtype = modules[n].weight.dtype
             self._pending[n] = {
