@@ -303,10 +303,11 @@ class SharedBasisModel(BasisTunerBase):
         def normalised(lam: torch.Tensor) -> torch.Tensor:
             return lam / lam.sum().clamp_min(1e-300)  # relative error removed per direction
 
-        def factorise(g: Group, rank: int, eval_ranks: list[int]) -> tuple[GroupFactors, dict[int, list[float]], float]:
-            """Factors at ``rank`` and the summed absolute member errors at each of ``eval_ranks``
+        def factorise(g: Group, rank: int, eval_ranks: list[int], f: GroupFactors | None = None):
+            """Factors at ``rank`` and the absolute member errors at each of ``eval_ranks``
             (each member on its OWN Gram: the summed group Gram would flatter sharing)."""
-            f = factorize_group(weights(g), gram(g.members), rank, config.damping, g.members[0])
+            if f is None:
+                f = factorize_group(weights(g), gram(g.members), rank, config.damping, g.members[0])
             errs: dict[int, list[float]] = {k: [] for k in eval_ranks}
             refs = []
             if len(g.members) == 1:  # the member's Gram is the group's: errors are the discarded spectrum
@@ -346,15 +347,19 @@ class SharedBasisModel(BasisTunerBase):
                 best = None
                 for n in candidates:
                     plan = _chunk(type_name, members, n, shapes)
-                    for g in plan:
-                        if g.key not in spectra:
+                    _, caps = self._bounds(plan, config)
+                    pre: dict[str, GroupFactors] = {}
+                    for g, cap in zip(plan, caps):
+                        if config.rank_allocation == "uniform":  # ranks <= cap: factorise once, at the cap
+                            pre[g.key] = factorize_group(weights(g), gram(g.members), cap, config.damping, g.members[0])
+                            spectra[g.key] = normalised(pre[g.key].eigenvalues)
+                        elif g.key not in spectra:
                             spectra[g.key] = normalised(group_spectrum(weights(g), gram(g.members), config.damping))
                     plan_ranks = self._allocate(plan, config, lambda g: spectra[g.key])
-                    _, caps = self._bounds(plan, config)
                     total, found = 0.0, {}
-                    for g, r in zip(plan, plan_ranks):
-                        stored = min(r + 1, caps[plan.index(g)])  # one rank of headroom for the final top-up
-                        f, errs, rf = factorise(g, stored, sorted({r, stored}))
+                    for g, r, cap in zip(plan, plan_ranks, caps):
+                        stored = cap if g.key in pre else min(r + 1, cap)  # headroom for the final top-up
+                        f, errs, rf = factorise(g, stored, sorted({r, stored}), pre.pop(g.key, None))
                         found[g.key] = (f, errs, rf)
                         total += sum(errs[r])
                     if best is None or total < best[0]:
