@@ -28,6 +28,9 @@ def add_peft_type(name: str) -> PeftType:
     member._value_ = name
     member.__objclass__ = PeftType
     member.__init__(name)  # enum members of a str mixin run __init__ with their value
+    # Python >= 3.12 resolves ``PeftType.NAME`` through a class attribute, not ``_member_map_``;
+    # ``type.__setattr__`` skips EnumType's guard against (re)assigning members.
+    type.__setattr__(PeftType, name, member)
     PeftType._member_map_[name] = member
     PeftType._value2member_map_[name] = member
     PeftType._member_names_.append(name)

@@ -47,7 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from ..linalg import CalibrationError, output_error, robust_eigh, warn_if_rank_deficient, whitened_svd
+from ..linalg import CalibrationError
 from ..modules import find_linear_names, in_out_features, layer_index, linear_weight
 from .engine import GramCollector, batch_to_kwargs
 from .statistics import CalibrationStatistics, atomic_write
@@ -528,19 +528,15 @@ def _group_stats(layer_stats: dict[int, CalibrationStatistics], members: list[st
     return merged
 
 
-def _whitener(stats: CalibrationStatistics, members: list[str], config, cache: dict):
+def _group_gram(stats: CalibrationStatistics, members: list[str]) -> torch.Tensor:
+    """The group's input Gram exactly as ``SharedBasisModel`` forms it (distinct inputs summed once)."""
     keys = tuple(sorted({stats.sources[m] for m in members}))
-    if keys not in cache:
-        gram = sum(stats.grams[k] for k in keys)
-        w = robust_eigh(gram, config.damping, name=members[0])
-        warn_if_rank_deficient(w, members[0], sum(stats.tokens[k] for k in keys))
-        cache[keys] = w
-    return cache[keys]
+    return stats.grams[keys[0]] if len(keys) == 1 else sum(stats.grams[k] for k in keys)
 
 
 def _compress(model_path, model, config, groups, dataloader, output_dir, scratch, is_main, *, max_batches,
               progress, dtype, device) -> list[dict]:
-    from ..tuners.shared_basis.model import SharedBasisModel
+    from ..tuners.shared_basis.model import SharedBasisModel, factorize_group, group_spectrum, member_error
 
     last_layer = {g.key: max(layer_index(m) for m in g.members) for g in groups}
     first_layer = {g.key: min(layer_index(m) for m in g.members) for g in groups}
@@ -563,14 +559,13 @@ def _compress(model_path, model, config, groups, dataloader, output_dir, scratch
             open_stats.clear()
             open_weights.clear()
             continue
-        cache: dict = {}
         for g in groups:
             if last_layer[g.key] != i:
                 continue
             stats = _group_stats(open_stats, g.members)
-            f = whitened_svd([open_weights[m] for m in g.members], _whitener(stats, g.members, config, cache), 1)
-            s2 = f.singular_values.double() ** 2
-            spectra[g.key] = s2 / s2.sum()
+            lam = group_spectrum([open_weights[m] for m in g.members], _group_gram(stats, g.members),
+                                 config.damping, g.members[0])
+            spectra[g.key] = lam / lam.sum().clamp_min(1e-300)
         # forget what no open group needs any more: only the Grams and weights of members of groups that span
         # later layers stay (shared q/k/v and gate/up inputs), never a private module's (down_proj: the largest)
         keep_members = {m for g in groups if last_layer[g.key] > i for m in g.members if layer_index(m) <= i}
@@ -614,13 +609,14 @@ def _compress(model_path, model, config, groups, dataloader, output_dir, scratch
                 weights[m] = w.T if isinstance(model.get_submodule(m), Conv1D) else w  # d_out x d_in
             ckpt.close()
             trim_memory()
-            f = whitened_svd([weights[m] for m in g.members], _whitener(stats, g.members, config, {}), rank)
+            f = factorize_group([weights[m] for m in g.members], _group_gram(stats, g.members), rank,
+                                config.damping, g.members[0])
             dt = weight_dtypes[g.members[0]]
             writer.write(f"base_model.sb_bases.{g.key}", f.basis.to(dt))
             errors = []
             for m, coef in zip(g.members, f.coefficients):
                 writer.write(f"base_model.model.{m}.sb_coefficient", coef.to(weight_dtypes[m]))
-                errors.append(output_error(weights[m], coef @ f.basis, stats.gram(m)))
+                errors.append(member_error(weights[m], coef, f.basis, stats.gram(m)))
             reports[g.key] = {
                 "group": g.key,
                 "members": g.members,
