@@ -7,15 +7,35 @@
 __version__ = "0.1.0"
 
 from .calibration import CalibrationStatistics, calibrate, use_statistics  # noqa: E402
+from .calibration.sequential import calibrate_sequential, compress_sequential  # noqa: E402
+from .lean import load_lean  # noqa: E402
 from .linalg import CalibrationError  # noqa: E402
+from .task_vectors import TaskVectorBasis, TaskVectorError  # noqa: E402
+from .tuners.basel import (  # noqa: E402
+    BaselCallback,
+    BaselConfig,
+    BaselModel,
+    export_factorized,
+    quantize_factors_8bit,
+)
 from .tuners.shared_basis import SharedBasisConfig, SharedBasisModel  # noqa: E402
 
 __all__ = [
+    "BaselCallback",
+    "BaselConfig",
+    "BaselModel",
     "CalibrationError",
     "CalibrationStatistics",
     "SharedBasisConfig",
     "SharedBasisModel",
+    "TaskVectorBasis",
+    "TaskVectorError",
     "__version__",
     "calibrate",
+    "calibrate_sequential",
+    "compress_sequential",
+    "export_factorized",
+    "load_lean",
+    "quantize_factors_8bit",
     "use_statistics",
 ]

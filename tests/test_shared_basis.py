@@ -90,8 +90,8 @@ def test_whitened_factors_beat_plain_svd_on_calibration_inputs():
         name = name[0]
         mw = white.base_model.model.get_submodule(name)
         mp = plain.base_model.model.get_submodule(name)
-        e_w = output_error(weights[name], mw.factorized_weight("default"), stats.gram(name))
-        e_p = output_error(weights[name], mp.factorized_weight("default"), stats.gram(name))
+        e_w = output_error(weights[name], mw.effective_weight("default"), stats.gram(name))
+        e_p = output_error(weights[name], mp.effective_weight("default"), stats.gram(name))
         assert e_w <= e_p + 1e-9
         wins += e_w < 0.99 * e_p
     assert wins >= len(config.groups) // 2
@@ -165,7 +165,7 @@ def test_auto_group_size_never_worse_than_private_in_calibration_error():
         for members in config.groups.values():
             for name in members:
                 g = stats.gram(name).double()
-                d = weights[name].double() - pm.base_model.model.get_submodule(name).factorized_weight("default").detach().double()
+                d = weights[name].double() - pm.base_model.model.get_submodule(name).effective_weight("default").detach().double()
                 err += float(torch.einsum("oi,ij,oj->", d, g, d))
         return err
 

@@ -50,7 +50,7 @@ from transformers.pytorch_utils import Conv1D
 from ..linalg import CalibrationError
 from ..modules import find_linear_names, in_out_features, layer_index, linear_weight
 from .engine import GramCollector, batch_to_kwargs
-from .statistics import CalibrationStatistics, atomic_write
+from .statistics import CalibrationStatistics
 
 __all__ = [
     "LayerStatistics",
@@ -429,19 +429,11 @@ def _barrier() -> None:
 
 
 def _plan_groups(model, names, config):
-    """The groups ``SharedBasisModel._compress`` forms for an integer ``group_size`` (same helpers, same order)."""
-    from ..tuners.shared_basis.config import DEFAULT_SHARED_MODULES
-    from ..tuners.shared_basis.model import _by_type, _chunk
+    """The groups ``SharedBasisModel._compress`` forms for an integer ``group_size``."""
+    from ..tuners.shared_basis.model import _by_type, plan_groups
 
     shapes = {n: in_out_features(model.get_submodule(n)) for n in names}
-    shared = config.shared_modules
-    if shared is None:
-        shared = DEFAULT_SHARED_MODULES.get(getattr(model.config, "model_type", None), [])
-    groups = []
-    for type_name, members in _by_type(names).items():
-        is_shared = any(type_name == s or type_name.endswith("." + s) for s in shared)
-        groups += _chunk(type_name, members, config.group_size if is_shared else 1, shapes)
-    return groups
+    return plan_groups(getattr(model.config, "model_type", None), _by_type(names), config, shapes)
 
 
 def _check_supported(config) -> None:

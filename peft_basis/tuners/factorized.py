@@ -35,3 +35,65 @@ def factorized_forward(x: torch.Tensor, basis: torch.Tensor, coefficient: torch.
     h = nn.functional.linear(x.to(basis.dtype), basis)
     y = nn.functional.linear(h, coefficient, None if bias is None else bias.to(coefficient.dtype))
     return y.to(dtype)
+
+
+class FactorizedLayerMixin:
+    """Merge (= decompress), unmerge, unload and the disabled/merged forward of a tuner layer whose
+    adapter REPLACES the dense weight (Basis Sharing, Basel). A subclass provides ``effective_weight``
+    (``d_out x d_in``) and ``adapter_forward``; ``method_name``/``config_name`` word its errors."""
+
+    method_name = "this method"
+    config_name = "the config"
+
+    def effective_weight(self, adapter_name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def adapter_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        if self.merged:
+            return
+        adapter = (adapter_names or self.active_adapters)[0]
+        weight = self.effective_weight(adapter).detach()
+        if safe_merge and not torch.isfinite(weight).all():
+            raise ValueError(f"NaNs in the factors of adapter {adapter}; refusing to merge.")
+        if not dense_is_dropped(self.base_layer):
+            self._original_weight = self.base_layer.weight
+        write_dense_weight(self.base_layer, weight)
+        self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        if self._original_weight is not None:
+            self.base_layer._parameters["weight"] = self._original_weight
+            self._original_weight = None
+        else:
+            drop_dense_weight(self.base_layer)
+        self.merged_adapters.clear()
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names) -> nn.Module:
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        elif dense_is_dropped(self.base_layer):
+            raise ValueError(
+                f"unload() would return a model without these weights: {self.method_name} dropped the dense weights. "
+                f"Use merge_and_unload() (decompress) for a dense model, or create the adapter with "
+                f"{self.config_name}(keep_dense_weight=True)."
+            )
+        return self.get_base_layer()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            if dense_is_dropped(self.base_layer):
+                raise RuntimeError(
+                    "The adapter is disabled, but the dense weights were dropped. Create the adapter with "
+                    f"{self.config_name}(keep_dense_weight=True) to compare against the dense model."
+                )
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        return self.adapter_forward(x, self.active_adapters[0])

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -8,7 +8,7 @@ from torch import nn
 
 from ...linalg import Whitener
 from ...modules import in_out_features
-from ..factorized import dense_is_dropped, drop_dense_weight, factorized_forward, write_dense_weight
+from ..factorized import FactorizedLayerMixin, dense_is_dropped, drop_dense_weight, factorized_forward
 
 
 def _sliced(p: nn.Parameter, dim: int, index: torch.Tensor, optimizer) -> nn.Parameter:
@@ -32,7 +32,7 @@ def _sliced(p: nn.Parameter, dim: int, index: torch.Tensor, optimizer) -> nn.Par
     return new
 
 
-class BaselLayer(nn.Module, BaseTunerLayer):
+class BaselLayer(FactorizedLayerMixin, nn.Module, BaseTunerLayer):
     """A target Linear under Basel.
 
     ``train`` phase: ``y = ((x A^T) * w^2) B^T + (x A_add^T) B_add^T + bias`` with ``A`` (``r x d_in``) and
@@ -43,6 +43,7 @@ class BaselLayer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("basel_A", "basel_B", "basel_w", "basel_A_add", "basel_B_add")
     other_param_names = ("basel_phase",)
+    method_name, config_name = "Basel", "BaselConfig"
 
     def __init__(self, base_layer: nn.Module, keep_dense_weight: bool = False):
         super().__init__()
@@ -141,52 +142,7 @@ class BaselLayer(nn.Module, BaseTunerLayer):
         self.basel_phase[adapter_name] = "factorized"
         return rank
 
-    # ---- merge = decompress ---------------------------------------------------------------------
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        if self.merged:
-            return
-        adapter = (adapter_names or self.active_adapters)[0]
-        weight = self.effective_weight(adapter).detach()
-        if safe_merge and not torch.isfinite(weight).all():
-            raise ValueError(f"NaNs in the factors of adapter {adapter}; refusing to merge.")
-        if not dense_is_dropped(self.base_layer):
-            self._original_weight = self.base_layer.weight
-        write_dense_weight(self.base_layer, weight)
-        self.merged_adapters.append(adapter)
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        if self._original_weight is not None:
-            self.base_layer._parameters["weight"] = self._original_weight
-            self._original_weight = None
-        else:
-            drop_dense_weight(self.base_layer)
-        self.merged_adapters.clear()
-
-    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names) -> nn.Module:
-        if merge:
-            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        elif dense_is_dropped(self.base_layer):
-            raise ValueError(
-                "unload() would return a model without these weights: Basel dropped the dense weights. Use "
-                "merge_and_unload() (decompress) for a dense model, or create the adapter with keep_dense_weight=True."
-            )
-        return self.get_base_layer()
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            if dense_is_dropped(self.base_layer):
-                raise RuntimeError(
-                    "The adapter is disabled, but the dense weights were dropped. Create the adapter with "
-                    "BaselConfig(keep_dense_weight=True) to compare against the dense model."
-                )
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        adapter = self.active_adapters[0]
+    def adapter_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         A, B, bias = self.basel_A[adapter], self.basel_B[adapter], self.base_layer.bias
         if self.basel_phase[adapter] == "factorized":
             return factorized_forward(x, A, B, bias)

@@ -27,12 +27,18 @@ class SharedBasisConfig(BasisConfigBase):
             meaning of the paper's tables. The stored factors are at most ``1 - compression_ratio``
             of the targeted dense parameters and within one rank step of it.
         group_size: layers per shared basis (``1`` = private per-layer whitened SVD, i.e. SVD-LLM),
-            or ``"auto"``: for each matrix type, try 1, 2 and 4 and keep the one with the lowest
-            calibration output error at the same parameter count, so it is never worse than per-layer.
+            or ``"auto"``: for each matrix type, try 1, 2 and 4 (``auto_group_sizes``) and keep the one
+            with the lowest calibration output error (each layer measured on its own inputs) at that
+            type's parameter budget, so it is never worse than per-layer in calibration error. Measured
+            on SmolLM2-135M this did NOT carry over to held-out perplexity (docs/shared_basis.md); it
+            costs about three factorisations per group.
         shared_modules: which matrix types share (when ``group_size`` is an int > 1). ``None``: the
             paper's choice for the architecture, nothing for unknown ones.
-        rank_allocation: ``"uniform"`` (the paper: the same ratio for every group) or ``"global"``
-            (one budget for all targets, spent where it cuts the relative calibration error most).
+        rank_allocation: ``"uniform"`` (the paper: every group at the same ratio, plus at most one rank
+            where the leftover budget helps most) or ``"global"`` (every group gets at least a quarter of
+            its uniform rank; the rest of one budget goes where it cuts the relative calibration error
+            most per parameter). Measured on SmolLM2-135M, ``"global"`` was worse than ``"uniform"`` at
+            every ratio (docs/shared_basis.md): keep the default unless you measure otherwise.
         keep_dense_weight: keep the original dense weights in memory (needed for
             ``disable_adapter()``); off by default, since dropping them is what makes the model smaller.
         groups: filled at creation: group key -> member module names. With ``rank_pattern`` it lets

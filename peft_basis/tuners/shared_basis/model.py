@@ -80,6 +80,21 @@ def _chunk(type_name: str, members: list[str], n: int, shapes: dict) -> list[Gro
     return groups
 
 
+def plan_groups(model_type: str | None, types: dict[str, list[str]], config: SharedBasisConfig,
+                shapes: dict) -> list[Group]:
+    """The groups for an integer ``group_size``: shared matrix types in chunks of ``group_size``
+    consecutive layers, the others private (one layer each). Used by the whole-model and the
+    layer-sequential paths alike, so both form the same groups in the same order."""
+    shared = config.shared_modules
+    if shared is None:
+        shared = DEFAULT_SHARED_MODULES.get(model_type, [])
+    groups = []
+    for type_name, members in types.items():
+        is_shared = any(type_name == s or type_name.endswith("." + s) for s in shared)
+        groups += _chunk(type_name, members, config.group_size if is_shared else 1, shapes)
+    return groups
+
+
 # ---- the factorisation of one group ---------------------------------------------------------------
 @dataclass
 class GroupFactors:
@@ -262,15 +277,7 @@ class SharedBasisModel(BasisTunerBase):
         self.sb_bases[adapter_name] = bases
 
     def _plan(self, types: dict, config: SharedBasisConfig, shapes: dict) -> list[Group]:
-        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
-        shared = config.shared_modules
-        if shared is None:
-            shared = DEFAULT_SHARED_MODULES.get(model_type, [])
-        groups = []
-        for type_name, members in types.items():
-            is_shared = any(type_name == s or type_name.endswith("." + s) for s in shared)
-            groups += _chunk(type_name, members, config.group_size if is_shared else 1, shapes)
-        return groups
+        return plan_groups(getattr(getattr(self.model, "config", None), "model_type", None), types, config, shapes)
 
     def _compress(self, modules, names, shapes, config: SharedBasisConfig, bases: nn.ParameterDict) -> list[dict]:
         stats = config.calibration_statistics
