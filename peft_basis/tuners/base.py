@@ -56,6 +56,23 @@ class BasisConfigBase(PeftConfig):
         if not self.damping > 0:
             raise ValueError(f"damping must be > 0, got {self.damping}")
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """PEFT's loader, plus a type check: PEFT builds whatever class the JSON's ``peft_type`` names, so
+        ``BaselConfig.from_pretrained(<a LoRA repo>)`` would silently return a ``LoraConfig``."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if cls is not BasisConfigBase and not isinstance(config, cls):
+            from ..hub import AdapterTypeError
+
+            where = pretrained_model_name_or_path + (f" (subfolder {subfolder})" if subfolder else "")
+            found = getattr(config.peft_type, "value", config.peft_type)
+            raise AdapterTypeError(
+                f"{where} holds a {found} adapter ({type(config).__name__}), not a {cls.__name__}. Load it with "
+                f"`PeftConfig.from_pretrained` / `PeftModel.from_pretrained` without `config=`, or pick the "
+                "repo/subfolder/revision that holds the adapter you want."
+            )
+        return config
+
     # Calibration statistics handed from `calibrate` to `get_peft_model`. Not a dataclass field, so
     # it is never written to adapter_config.json.
     @property
@@ -145,3 +162,9 @@ def warn_no_calibration(method: str) -> None:
         "from 27 to ~70,000). Call `peft_basis.calibrate(model, config, dataloader)` first.",
         stacklevel=3,
     )
+
+
+# Model cards and push_to_hub for peft-basis adapters (see peft_basis/hub.py); every tuner imports this module.
+from ..hub import install as _install_hub_hooks  # noqa: E402
+
+_install_hub_hooks()
