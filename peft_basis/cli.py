@@ -2,6 +2,8 @@
 
     peft-basis                       # Basis Sharing, 20% removed, SmolLM2-135M, real text
     peft-basis --ratio 0.3 --group-size auto --output out/sb30
+    peft-basis --sequential                          # one decoder layer in memory at a time (large models)
+    peft-basis --model path/to/hf-model --eval-domain pydoc
 """
 
 from __future__ import annotations
@@ -32,22 +34,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--statistics", default=None, help="reuse calibration statistics saved by an earlier run")
     p.add_argument("--output", default="out/shared_basis", help="where the adapter is saved")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--model", default=None, help="a local Hugging Face causal LM folder (default: SmolLM2-135M)")
+    p.add_argument("--sequential", action="store_true",
+                   help="compress layer by layer from the checkpoint's safetensors shards (peak memory: about one "
+                        "decoder layer) and load the result leanly, without reading the replaced dense weights")
     return p
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
+    """The console entry point (returns the exit status; ``run`` returns the measurements)."""
+    run(argv)
+    return 0
+
+
+def run(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from peft import get_peft_model
 
     import peft_basis
-    from peft_basis.data import load_default_model, load_text, token_blocks
+    from peft_basis.data import default_model_path, load_default_model, load_text, token_blocks
     from peft_basis.evaluation import count_parameters, perplexity, size_on_disk, tokens_per_second
 
-    print(f"peft-basis {peft_basis.__version__}: Basis Sharing on SmolLM2-135M-Instruct, {args.ratio:.0%} of the "
-          "targeted parameters removed")
-    model, tok = load_default_model(num_hidden_layers=args.layers)
+    if args.sequential and args.layers is not None:
+        raise SystemExit("--sequential compresses the checkpoint as stored; drop --layers (or run without --sequential).")
+    if args.sequential and args.group_size == "auto":
+        raise SystemExit("--sequential needs an integer --group-size (auto compares groupings with all Grams in memory).")
+    model_path = args.model or default_model_path()
+    model_name = os.path.basename(os.path.normpath(model_path))
+    print(f"peft-basis {peft_basis.__version__}: Basis Sharing on {model_name}, {args.ratio:.0%} of the "
+          "targeted parameters removed" + (", layer by layer" if args.sequential else ""))
+    if args.model is None:
+        model, tok = load_default_model(num_hidden_layers=args.layers)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        kwargs = {} if args.layers is None else {"num_hidden_layers": args.layers}
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, **kwargs).eval()
+        tok = AutoTokenizer.from_pretrained(model_path)
     if args.calib_domain == args.eval_domain:
         blocks = token_blocks(tok, load_text(args.calib_domain), args.seq_len)
         need = args.calib_blocks + args.eval_blocks
@@ -69,11 +94,19 @@ def main(argv: list[str] | None = None) -> dict:
     group_size = args.group_size if args.group_size == "auto" else int(args.group_size)
     config = peft_basis.SharedBasisConfig(compression_ratio=args.ratio, group_size=group_size,
                                           rank_allocation=args.rank_allocation)
+    batches = [calib[i : i + 4] for i in range(0, calib.shape[0], 4)]
     t0 = time.perf_counter()
-    peft_basis.calibrate(model, config, [calib[i : i + 4] for i in range(0, calib.shape[0], 4)],
-                         statistics=args.statistics)
-    t_calib = time.perf_counter() - t0
-    peft_model = get_peft_model(model, config)
+    if args.sequential:
+        if args.statistics:
+            raise SystemExit("--statistics applies to the whole-model path; --sequential streams its own.")
+        del model  # the point of --sequential: the dense model is never in memory with the factors
+        peft_basis.compress_sequential(model_path, config, batches, args.output)
+        t_calib = None  # calibration and factorisation interleave layer by layer
+        peft_model = peft_basis.load_lean(model_path, args.output)
+    else:
+        peft_basis.calibrate(model, config, batches, statistics=args.statistics)
+        t_calib = time.perf_counter() - t0
+        peft_model = get_peft_model(model, config)
     t_total = time.perf_counter() - t0
 
     compressed_params = count_parameters(peft_model)
@@ -89,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
         "bytes_in_memory": {"dense": dense_bytes, "compressed": compressed_bytes, "adapter_file": adapter_bytes},
         "tokens_per_second_8x256": {"dense": tps_before, "compressed": tps_after},
         "seconds": {"calibrate": t_calib, "calibrate_and_compress": t_total},
-        "config": {"compression_ratio": args.ratio, "group_size": group_size, "rank_allocation": args.rank_allocation},
+        "config": {"compression_ratio": args.ratio, "group_size": group_size, "rank_allocation": args.rank_allocation,
+                   "model": model_path, "sequential": args.sequential},
     }
     with open(os.path.join(args.output, "peft_basis_result.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -102,11 +136,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{'':28}{'dense':>16}{'compressed':>26}")
     for name, a, b in rows:
         print(f"{name:28}{a:>16}{b:>26}")
-    print(f"\ncalibrate + compress: {t_total:.1f} s (calibration {t_calib:.1f} s)")
+    print(f"\ncalibrate + compress: {t_total:.1f} s" + ("" if args.sequential else f" (calibration {t_calib:.1f} s)"))
     print(f"adapter saved to {args.output}/ ({_mb(adapter_bytes)}); reload with:\n"
           f"  import peft_basis; from peft import PeftModel\n  PeftModel.from_pretrained(base_model, {args.output!r})")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -57,3 +57,29 @@ def test_real_two_layer_smollm2_compresses_reloads_and_whitening_pays(tmp_path):
     # tied embeddings stay tied through compression and reload
     base = reloaded.base_model.model
     assert base.lm_head.weight is base.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["whole-model", "sequential"])
+def test_command_compresses_a_model_folder(tmp_path, sequential):
+    """The `peft-basis` command on a 2-layer cut of the real model saved as a folder (what `--model`
+    accepts): the adapter it writes holds at most 80% of the targeted parameters and reloads."""
+    import json
+
+    from peft_basis.cli import run
+    from peft_basis.data import load_default_model
+
+    model, tok = load_default_model(num_hidden_layers=2)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    args = ["--model", str(tmp_path / "model"), "--calib-blocks", "8", "--eval-blocks", "2", "--seq-len", "128",
+            "--output", str(out), "--eval-domain", "pydoc", "--calib-domain", "pydoc"]
+    result = run(args + (["--sequential"] if sequential else []))
+    assert json.loads((out / "peft_basis_result.json").read_text())["config"]["sequential"] is sequential
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "SHARED_BASIS"
+    dense_targeted = 2 * (576 * 576 * 2 + 576 * 192 * 2 + 576 * 1536 * 3)  # q,o + k,v + gate,up,down per layer
+    removed = result["parameters"]["dense"] - result["parameters"]["compressed"]
+    assert 0.2 * dense_targeted <= removed <= 0.2 * dense_targeted + 2 * (576 + 2 * 1536) * 7
+    reloaded = PeftModel.from_pretrained(load_default_model(num_hidden_layers=2)[0], str(out))
+    assert reloaded.base_model.stored_parameters() == dense_targeted - removed
