@@ -27,7 +27,7 @@ def rank_for_ratio(d_in: int, d_out: int, ratio: float, n: int = 1) -> int:
 
 def greedy_allocate(
     scores: Sequence[torch.Tensor],
-    costs: Sequence[int],
+    costs: Sequence[int | Sequence[int]],
     budget: int,
     r_min: Sequence[int] | int = 0,
     r_max: Sequence[int] | int | None = None,
@@ -38,6 +38,10 @@ def greedy_allocate(
     descending for spectra). Every unit first gets ``r_min``; then, repeatedly, the next direction
     with the best ``score / cost`` that still fits is added. Stops when nothing fits, so the spend is
     within one rank step of ``budget`` unless every unit is at ``r_max``.
+
+    ``costs[u]`` is either one int (every rank step of the unit costs the same) or a sequence whose
+    ``i``-th entry is the cost of the unit's ``i``-th direction (BASIS's ``r x r`` core: ``2 i + 1``).
+    With growing step costs, pass scores sorted descending so the score per parameter falls.
     """
     n = len(scores)
     r_min = [r_min] * n if isinstance(r_min, int) else list(r_min)
@@ -48,20 +52,26 @@ def greedy_allocate(
     else:
         r_max = [min(m, len(s)) for m, s in zip(r_max, scores)]
     ranks = [min(lo, hi) for lo, hi in zip(r_min, r_max)]
-    spent = sum(r * c for r, c in zip(ranks, costs))
+
+    def step_cost(u: int, i: int) -> int:
+        c = costs[u]
+        return int(c) if isinstance(c, int) else int(c[i])
+
+    spent = sum(sum(step_cost(u, i) for i in range(ranks[u])) for u in range(n))
     if spent > budget:
         raise ValueError(
             f"The budget of {budget:,} parameters cannot give every module its minimum rank (that needs {spent:,}). "
             "Lower `r_min`, target fewer modules, or raise the budget."
         )
-    heap = [(-float(scores[u][ranks[u]]) / costs[u], u) for u in range(n) if ranks[u] < r_max[u]]
+    heap = [(-float(scores[u][ranks[u]]) / step_cost(u, ranks[u]), u) for u in range(n) if ranks[u] < r_max[u]]
     heapq.heapify(heap)
     while heap:
         _, u = heapq.heappop(heap)
-        if spent + costs[u] > budget:
+        cost = step_cost(u, ranks[u])
+        if spent + cost > budget:
             continue  # this unit no longer fits; a cheaper one still might
         ranks[u] += 1
-        spent += costs[u]
+        spent += cost
         if ranks[u] < r_max[u]:
-            heapq.heappush(heap, (-float(scores[u][ranks[u]]) / costs[u], u))
+            heapq.heappush(heap, (-float(scores[u][ranks[u]]) / step_cost(u, ranks[u]), u))
     return ranks

@@ -1,0 +1,206 @@
+"""Streaming empirical Fisher of per-module directions, from backward passes over calibration data.
+
+For a target Linear ``y = x W^T`` and one calibration *sequence* ``s`` with loss ``L_s`` (the mean
+token NLL of that sequence), the weight gradient is ``G_s = sum_t delta_t x_t^T`` (``delta_t =
+dL_s/dy_t``). Given an output direction ``u`` (``d_out``) and an input direction ``r`` (``d_in``),
+the gradient of ``L_s`` along the rank-one direction ``u r^T`` of weight space is
+
+    g_s(u, r) = u^T G_s r = sum_t (u . delta_t) (r . x_t)
+
+so it is computed from two projections of the module's output gradient and input, never from
+``G_s`` itself. The score of the direction is the empirical Fisher ``F(u, r) = mean_s g_s(u, r)^2``
+(for BASIS it is exactly the empirical Fisher of the diagonal entry ``M_ii`` of its core).
+
+Two modes, per module, for ``U`` (``d_out x k``) and ``R`` (``k x d_in``, rows are input directions):
+
+- ``"diagonal"``: ``k`` scores ``F(U[:, i], R[i])``; memory ``O(k)`` per module, arithmetic two
+  ``tokens x d x k`` projections per module per batch.
+- ``"full"``: the ``k_out x k_in`` matrix ``mean_s (U^T G_s R^T)^2``. ``U=None`` / ``R=None`` mean the
+  identity, so ``full`` with both ``None`` is the elementwise empirical Fisher of ``W`` (it forms one
+  ``d_out x d_in`` gradient per sequence: use it only where that is cheap).
+
+What it costs: one forward AND one backward pass per batch through the whole model (about 3x the
+forward-only Gram pass), plus the projections. No parameter gradient is formed (every parameter is
+frozen for the pass; gradients flow from a ``requires_grad`` on the input embeddings' output), and
+each hooked module keeps its projected inputs ``tokens x k`` until its backward runs. Under
+``torch.distributed`` each rank passes its own shard and the scores are all-reduced. The layer-
+sequential pipeline (:func:`~peft_basis.calibration.sequential.calibrate_sequential`) cannot compute
+these: ``delta_t`` depends on every later layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import ExitStack
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..linalg import CalibrationError
+from ..modules import in_out_features
+from .engine import batch_to_kwargs, model_device
+from .statistics import CalibrationStatistics
+
+__all__ = ["collect_fisher", "fisher_key"]
+
+MODES = ("diagonal", "full")
+
+
+def fisher_key(module_name: str, key: str = "fisher") -> str:
+    """Where :func:`collect_fisher` stores a module's scores in ``CalibrationStatistics.extra``."""
+    return f"{key}/{module_name}"
+
+
+class _Accumulator:
+    """One module's running sum of squared per-sequence directional gradients."""
+
+    def __init__(self, U: torch.Tensor | None, R: torch.Tensor | None, mode: str):
+        self.U, self.R, self.mode = U, R, mode
+        self.scores: torch.Tensor | None = None
+
+    def hook(self, module, args, output) -> None:
+        """Forward hook: project the input now (``tokens x k``), finish when the output's gradient arrives."""
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        x = args[0].detach().float()
+        b = x if self.R is None else x @ self.R.T
+        b = b.reshape(output.shape[0], -1, b.shape[-1])
+
+        def grad_hook(grad: torch.Tensor) -> None:
+            a = grad.float() if self.U is None else grad.float() @ self.U
+            a = a.reshape(b.shape[0], -1, a.shape[-1])
+            g = (a * b).sum(1) if self.mode == "diagonal" else torch.einsum("btk,btj->bkj", a, b)
+            contrib = (g.double() ** 2).sum(0)  # sum over the batch's sequences of g_s^2
+            self.scores = contrib if self.scores is None else self.scores + contrib
+
+        output.register_hook(grad_hook)
+
+
+def _seq_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence mean NLL of next-token prediction, and how many labelled tokens each has."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    nll = nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                      ignore_index=-100, reduction="none").view(shift_labels.shape)
+    counts = (shift_labels != -100).sum(1)
+    return nll.sum(1), counts
+
+
+def collect_fisher(
+    model: nn.Module,
+    directions: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]],
+    dataloader: Iterable,
+    *,
+    mode: str = "diagonal",
+    max_batches: int | None = None,
+    progress: bool = True,
+    stats: CalibrationStatistics | None = None,
+    key: str = "fisher",
+) -> dict[str, torch.Tensor]:
+    """Empirical Fisher scores of the given directions of every module in ``directions``
+    (``name -> (U, R)``, ``U`` ``d_out x k`` or None, ``R`` ``k x d_in`` or None; see the module doc).
+
+    Batches as for ``calibrate``; ``labels`` are used when present (``-100`` = ignored), otherwise the
+    ``input_ids`` (padding masked by ``attention_mask``). Returns ``name -> float32 scores`` (mean over
+    the sequences that have at least one labelled token) and, with ``stats``, stores them in
+    ``stats.extra[fisher_key(name, key)]`` with the sequence count in ``stats.meta[key + "_sequences"]``,
+    so they are saved and loaded with the rest of the statistics.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    named = dict(model.named_modules())
+    missing = [n for n in directions if n not in named]
+    if missing:
+        raise ValueError(f"collect_fisher: modules not found in the model: {missing[:5]}")
+    for n, (U, R) in directions.items():
+        if mode == "diagonal" and (U is None or R is None or U.shape[1] != R.shape[0]):
+            raise ValueError(f"{n}: the diagonal mode needs U (d_out x k) and R (k x d_in) with the same k.")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None:
+        raise ValueError("collect_fisher needs a model with `get_input_embeddings()` (a transformers model).")
+    device = model_device(model)
+    accs = {n: _Accumulator(None if U is None else U.detach().float().to(device),
+                            None if R is None else R.detach().float().to(device), mode)
+            for n, (U, R) in directions.items()}
+    def embed_hook(module, args, output):
+        return output.requires_grad_(True) if not output.requires_grad else output
+
+    total = len(dataloader) if hasattr(dataloader, "__len__") else None
+    if max_batches is not None and total is not None:
+        total = min(total, max_batches)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    n_seqs, n_batches, n_labelled_tokens = 0, 0, 0
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        with ExitStack() as stack, torch.enable_grad():
+            handles = [embeddings.register_forward_hook(embed_hook)]
+            handles += [named[n].register_forward_hook(acc.hook) for n, acc in accs.items()]
+            stack.callback(lambda: [h.remove() for h in handles])
+            for batch in tqdm(dataloader, total=total, desc="fisher", unit="batch", disable=not progress):
+                if max_batches is not None and n_batches >= max_batches:
+                    break
+                n_batches += 1
+                kwargs = batch_to_kwargs(batch, device)
+                labels = kwargs.pop("labels", None)
+                ids = kwargs["input_ids"]
+                if ids.numel() == 0:
+                    continue
+                if labels is None:
+                    labels = ids.clone()
+                    if "attention_mask" in kwargs:
+                        labels = labels.masked_fill(kwargs["attention_mask"] == 0, -100)
+                counts = (labels[:, 1:] != -100).sum(1)
+                if int(counts.sum()) == 0:
+                    continue
+                # sum over sequences of each one's mean NLL: a sequence without labelled tokens adds nothing
+                out = model(**kwargs, use_cache=False)
+                nll_sum, cnt = _seq_losses(out.logits, labels.to(out.logits.device))
+                loss = (nll_sum / cnt.clamp_min(1)).sum()
+                loss.backward()
+                n_seqs += int((counts > 0).sum())
+                n_labelled_tokens += int(counts.sum())
+                del out, loss
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        model.train(was_training)
+    if n_batches == 0:
+        raise CalibrationError("Fisher scores: the dataloader yielded no batches. Pass at least one batch of `input_ids`.")
+    counts_t = torch.tensor([float(n_seqs), float(n_labelled_tokens)], dtype=torch.float64)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
+        counts_t = counts_t.to(device)
+        torch.distributed.all_reduce(counts_t)
+    n_seqs_all = int(counts_t[0])
+    if n_seqs_all == 0:
+        raise CalibrationError(
+            "Fisher scores need labelled tokens, but every label in the calibration data is masked (-100), or every "
+            "sequence is shorter than 2 tokens. Pass `labels` with at least one unmasked token after the first "
+            "position, or leave `labels` out to predict the `input_ids`."
+        )
+    result = {}
+    for n in sorted(accs):
+        acc = accs[n]
+        if acc.scores is None:
+            U, R = directions[n]
+            d_in, d_out = in_out_features(named[n])
+            k_out = U.shape[1] if U is not None else d_out
+            k_in = R.shape[0] if R is not None else d_in
+            shape = (k_out,) if mode == "diagonal" else (k_out, k_in)
+            if not distributed:
+                raise CalibrationError(f"Fisher scores: {n} received no gradient (it does not influence the loss).")
+            acc.scores = torch.zeros(shape, dtype=torch.float64, device=device)
+        scores = acc.scores
+        if distributed:
+            torch.distributed.all_reduce(scores)
+        result[n] = (scores / n_seqs_all).float().cpu()
+    if stats is not None:
+        for n, s in result.items():
+            stats.extra[fisher_key(n, key)] = s
+        stats.meta[f"{key}_sequences"] = n_seqs_all
+        stats.meta[f"{key}_tokens"] = int(counts_t[1])
+    return result
