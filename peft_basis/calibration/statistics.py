@@ -126,3 +126,54 @@ class CalibrationStatistics:
         )
         stats.validate()
         return stats
+
+    # ---- the Hub -------------------------------------------------------------------------------
+    FILENAME = "calibration_statistics.safetensors"
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token=None, revision: str | None = None,
+                    subfolder: str | None = None, commit_message: str = "Upload calibration statistics"):
+        """Upload as ``calibration_statistics.safetensors`` (plus a short README) with ``HfApi.upload_folder``;
+        returns the ``CommitInfo``. Reload with :meth:`from_pretrained`."""
+        import tempfile
+
+        from ..hub import upload_folder_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save(os.path.join(tmp, self.FILENAME))
+            readme = _stats_card(self)
+            atomic_write(os.path.join(tmp, "README.md"), lambda p: open(p, "w").write(readme))
+            return upload_folder_to_hub(tmp, repo_id, private=private, token=token, revision=revision,
+                                        subfolder=subfolder, commit_message=commit_message)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str, *, revision: str | None = None, subfolder: str | None = None,
+                        token=None, cache_dir=None, local_files_only: bool = False,
+                        filename: str | None = None) -> "CalibrationStatistics":
+        """Load from a ``.safetensors`` file, a folder holding ``calibration_statistics.safetensors``, or a Hub
+        repo id (``hf_hub_download``; ``revision``/``subfolder``/``token`` as usual)."""
+        filename = filename or cls.FILENAME
+        if os.path.isfile(path_or_repo_id):
+            return cls.load(path_or_repo_id)
+        local = os.path.join(path_or_repo_id, subfolder or "", filename)
+        if os.path.isfile(local):
+            return cls.load(local)
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(path_or_repo_id, filename, subfolder=subfolder, revision=revision, token=token,
+                               cache_dir=cache_dir, local_files_only=local_files_only)
+        return cls.load(path)
+
+
+def _stats_card(stats: "CalibrationStatistics") -> str:
+    from .. import __version__
+
+    tokens = max(stats.tokens.values()) if stats.tokens else 0
+    return (
+        "---\nlibrary_name: peft\ntags:\n- peft-basis\n- calibration-statistics\n---\n"
+        f"# peft-basis calibration statistics\n\nInput Gram matrices of {len(stats.sources)} modules "
+        f"({len(stats.grams)} distinct inputs, {tokens:,} tokens), written by peft-basis {__version__}.\n\n"
+        "```python\nimport peft_basis\nstats = peft_basis.CalibrationStatistics.from_pretrained(\"<this repo>\")\n"
+        "config.attach_statistics(stats)  # then get_peft_model(model, config)\n```\n"
+        f"\nMeta: `{json.dumps(stats.meta, default=str)[:500]}`\n"
+    )
+

@@ -240,12 +240,22 @@ class TaskVectorBasis:
                      lambda p: open(p, "w").write(json.dumps(meta, indent=2)))
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str) -> TaskVectorBasis:
-        """A folder written by :meth:`save_pretrained`, a Hub repo id, or a folder of the original
-        repository's artifacts (converted on the fly, see :func:`from_legacy`)."""
+    def from_pretrained(cls, path_or_repo_id: str, *, revision: str | None = None, subfolder: str | None = None,
+                        token=None, cache_dir=None, local_files_only: bool = False) -> TaskVectorBasis:
+        """A folder written by :meth:`save_pretrained`, a Hub repo id (``snapshot_download`` of the two
+        files; ``revision``/``subfolder``/``token`` as usual), or a folder of the original repository's
+        artifacts (converted on the fly, see :func:`from_legacy`)."""
         from safetensors.torch import load_file
 
-        path = path_or_repo_id if os.path.isdir(path_or_repo_id) else resolve_path(path_or_repo_id)
+        if os.path.isdir(path_or_repo_id):
+            path = os.path.join(path_or_repo_id, subfolder) if subfolder else path_or_repo_id
+        elif revision or subfolder or token or cache_dir or local_files_only:
+            from ..hub import download_folder
+
+            path = download_folder(path_or_repo_id, revision=revision, subfolder=subfolder, token=token,
+                                   cache_dir=cache_dir, local_files_only=local_files_only)
+        else:
+            path = resolve_path(path_or_repo_id)
         cfg_path = os.path.join(path, CONFIG_NAME)
         if not os.path.exists(cfg_path):
             from .legacy import from_legacy, is_legacy_folder
@@ -273,16 +283,30 @@ class TaskVectorBasis:
                    gram=tensors.get("gram"), hyperparameters=meta.get("hyperparameters"), info=meta.get("info"))
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    revision: str | None = None, subfolder: str | None = None,
                     commit_message: str = "Upload task vector basis") -> str:
-        """Save to a temporary folder and upload it with ``HfApi.upload_folder``; returns the commit URL."""
-        from huggingface_hub import HfApi
+        """Save to a temporary folder (with a short README) and upload it with ``HfApi.upload_folder``
+        (creating the repo, and the branch for ``revision``); returns the commit URL."""
+        from ..hub import upload_folder_to_hub
 
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
-            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+            readme = self._card()
+            atomic_write(os.path.join(tmp, "README.md"), lambda p: open(p, "w").write(readme))
+            info = upload_folder_to_hub(tmp, repo_id, private=private, token=token, revision=revision,
+                                        subfolder=subfolder, commit_message=commit_message)
         return str(getattr(info, "commit_url", info))
+
+    def _card(self) -> str:
+        from .. import __version__
+
+        s = self.storage()
+        return ("---\nlibrary_name: peft\ntags:\n- peft-basis\n- task-vector-basis\n---\n"
+                f"# Task Vector Basis ({self.method}, {self.num_bases} bases for {self.num_tasks} tasks)\n\n"
+                f"Tasks: {', '.join(self.task_names)}. {s['num_params']:,} parameters per vector; stored "
+                f"{s['ratio']:.3f} of the task vectors' size. Written by peft-basis {__version__}.\n\n"
+                "```python\nimport peft_basis\ntvb = peft_basis.TaskVectorBasis.from_pretrained(\"<this repo>\")\n"
+                "model = tvb.add(base_model, alpha=0.4)\n```\n")
 
     def __repr__(self) -> str:
         s = self.storage()
