@@ -49,6 +49,20 @@ def basel_model():
     return model
 
 
+def basis_model():
+    from peft_basis.tuners.basis import BasisConfig
+
+    base = tiny_llama(2, seed=4)
+    config = BasisConfig(r=4, rank_allocation="eigen", target_modules=["q_proj", "v_proj", "up_proj"])
+    calibrate(base, config, token_batches(2), progress=False)
+    model = get_peft_model(base, config)
+    with torch.no_grad():  # a "trained" state: the core moved away from its zero start
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
 def task_vector_basis():
     base = tiny_llama(1, seed=2)
     fts = []
@@ -72,6 +86,7 @@ CHILD = r"""
 import json, os, sys, torch
 from safetensors.torch import load_file
 import peft_basis
+import peft_basis.tuners.basis  # registers BASIS until peft_basis/__init__ imports it
 from peft import PeftModel
 from peft_basis import CalibrationStatistics, TaskVectorBasis
 from tests.models import tiny_llama
@@ -82,6 +97,7 @@ def diff(model, key):
     with torch.no_grad():
         return float((model(ids).logits - expected[key]).abs().max())
 m = PeftModel.from_pretrained(tiny_llama(2, seed=0), "tester/shared-basis"); out["shared_basis"] = diff(m, "shared_basis")
+m = PeftModel.from_pretrained(tiny_llama(2, seed=4), "tester/basis"); out["basis"] = diff(m, "basis")
 m = peft_basis.hub.load_adapter(tiny_llama(2, seed=1), "tester/basel", revision="v1", subfolder="run-1",
                                 expected_type="BASEL")
 out["basel_revision_subfolder"] = diff(m, "basel")
@@ -121,6 +137,11 @@ def test_push_then_pull_in_fresh_process_online_and_offline(hub, tmp_path):
     expected["shared_basis"] = logits(sb)
     sb.push_to_hub("tester/shared-basis", token=TOKEN)
 
+    basis = basis_model()
+    expected["basis"] = logits(basis)
+    assert (expected["basis"] - logits(tiny_llama(2, seed=4))).abs().max() > 1e-3  # the adapter does something
+    basis.push_to_hub("tester/basis", token=TOKEN)
+
     basel = basel_model()
     expected["basel"] = logits(basel)
     basel.push_to_hub("tester/basel", token=TOKEN, revision="v1", subfolder="run-1")
@@ -147,6 +168,8 @@ def test_push_then_pull_in_fresh_process_online_and_offline(hub, tmp_path):
 
     out = run_child(hub, hf_home, path)
     assert out["shared_basis"] < 1e-5 and out["basel_revision_subfolder"] < 1e-5 and out["basel_private"] < 1e-5
+    assert out["basis"] < 1e-5
+    assert b"- basis\n" in hub.file("tester/basis", "README.md")
     assert out["stats"] == 0 and out["stats_sources"] == len(stats.sources)
     assert out["tvb"] < 1e-6 and out["tvb_names"] == ["a", "b", "c"]
     assert "RepositoryNotFoundError" in out["private_without_token"], out
@@ -157,7 +180,7 @@ def test_push_then_pull_in_fresh_process_online_and_offline(hub, tmp_path):
     n = len(hub.state.requests)
     out = run_child(hub, hf_home, path, HF_HUB_OFFLINE=1)
     assert out["shared_basis"] < 1e-5 and out["basel_revision_subfolder"] < 1e-5 and out["basel_private"] < 1e-5
-    assert out["stats"] == 0 and out["tvb"] < 1e-6
+    assert out["stats"] == 0 and out["tvb"] < 1e-6 and out["basis"] < 1e-5
     assert hub.state.requests[n:] == [r for r in hub.state.requests[n:] if r[1] == "/api/agent-harnesses"]
 
 
