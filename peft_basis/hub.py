@@ -168,9 +168,12 @@ def parameter_counts(peft_model, adapter_name: str = "default") -> dict:
     report = getattr(tuner, "compression_report", None)
     if "dense_targets" not in out and isinstance(report, list):
         try:
-            out["dense_targets"] = int(sum(r["dense"] for r in report))
+            out["dense_targets"] = int(sum(r["dense_params"] for r in report))
         except (KeyError, TypeError):
             pass
+        errs = [r.get("relative_error") for r in report if isinstance(r, dict)]
+        if errs and all(isinstance(e, float) for e in errs):
+            out["calibration_relative_error"] = sum(errs) / len(errs)
     return out
 
 
@@ -246,7 +249,10 @@ def card_section(peft_model, repo_id: Optional[str] = None, adapter_names=None) 
         if "adapter_file" in counts:
             lines.append(f"- in the adapter file: {counts['adapter_file']:,}")
         lines.append(f"- whole model with the adapter: {counts['model_total']:,}")
-        q = quality.get(n)
+        q = dict(quality.get(n) or {})
+        if "calibration_relative_error" in counts:
+            q.setdefault("mean relative output error of the factorised groups on the calibration data",
+                         f"{counts['calibration_relative_error']:.4g}")
         lines += ["", "Quality:", ""]
         if q:
             lines += [f"- {k}: {v}" for k, v in q.items()]
