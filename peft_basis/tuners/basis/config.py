@@ -37,6 +37,10 @@ class BasisConfig(BasisConfigBase):
             or ``"fisher"`` (the directions with the largest empirical Fisher score per trainable parameter,
             ``mean_s (u_i^T G_s r_i)^2`` over calibration sequences, which needs backward passes in
             ``calibrate``; each module keeps its top-Fisher directions, not necessarily the leading ones).
+        fisher_power: the ``"fisher"`` allocation scores direction ``i`` by ``F_i ** fisher_power``. ``0.5`` (default)
+            is the RMS gradient of the core entry: Adam moves every trainable entry by about the learning rate,
+            so the first-order loss decrease an entry buys is proportional to ``E|g|``, not to ``E[g^2]``.
+            ``1.0`` is the raw empirical Fisher (concentrates the budget in the few most sensitive modules).
         r_min / r_max: per-module rank bounds for ``"eigen"``/``"fisher"``. ``r_max=None`` means ``4 * r``
             (capped at the module's size). ``r_min=0`` lets a module go unadapted.
         trainable: the trainable shape inside the subspace. ``"core"``: a full ``r x r`` matrix (``r^2``
@@ -55,6 +59,9 @@ class BasisConfig(BasisConfigBase):
     r_min: int = field(default=1, metadata={"help": "Lowest rank of a module (eigen/fisher allocation)."})
     r_max: Optional[int] = field(default=None, metadata={"help": "Highest rank of a module; None = 4 * r."})
     trainable: str = field(default="core", metadata={"help": "'core' (r x r) or 'diagonal' (r)."})
+    fisher_power: float = field(
+        default=0.5, metadata={"help": "Fisher allocation scores a direction by F_i ** fisher_power (0.5: RMS gradient)."}
+    )
     budget: Optional[int] = field(default=None, metadata={"help": "Filled: the trainable-parameter budget."})
 
     def __post_init__(self):
@@ -66,6 +73,8 @@ class BasisConfig(BasisConfigBase):
             raise ValueError(f"rank_allocation must be one of {ALLOCATIONS}, got {self.rank_allocation!r}")
         if self.trainable not in TRAINABLE:
             raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if not self.fisher_power > 0:
+            raise ValueError(f"fisher_power must be > 0, got {self.fisher_power!r}")
         if not (isinstance(self.r_min, int) and self.r_min >= 0):
             raise ValueError(f"r_min must be an int >= 0, got {self.r_min!r}")
         if self.r_max is not None and not (isinstance(self.r_max, int) and self.r_max >= max(self.r_min, 1)):

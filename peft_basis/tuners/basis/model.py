@@ -158,7 +158,7 @@ def _allocate(config: BasisConfig, names: list[str], shapes: dict[str, tuple[int
                 s = energy[n][:cap]
                 order = torch.arange(len(s))
             else:
-                f = _fisher_scores(stats, n)
+                f = _fisher_scores(stats, n).clamp_min(0) ** config.fisher_power
                 cap = min(cap, len(f))
                 order = torch.argsort(f[:cap], descending=True, stable=True)
                 s = f[order]
