@@ -6,8 +6,10 @@
 
 __version__ = "0.1.0"
 
+from . import hub  # noqa: E402  (model cards, push_to_hub, adapter type checks)
 from .calibration import CalibrationStatistics, calibrate, use_statistics  # noqa: E402
 from .calibration.sequential import calibrate_sequential, compress_sequential  # noqa: E402
+from .hub import AdapterTypeError, load_adapter, record_quality  # noqa: E402
 from .lean import load_lean  # noqa: E402
 from .linalg import CalibrationError  # noqa: E402
 from .task_vectors import TaskVectorBasis, TaskVectorError  # noqa: E402
@@ -18,9 +20,14 @@ from .tuners.basel import (  # noqa: E402
     export_factorized,
     quantize_factors_8bit,
 )
+from .tuners.basis import BasisAllocation, BasisConfig, BasisModel, basis_allocation  # noqa: E402
 from .tuners.shared_basis import SharedBasisConfig, SharedBasisModel  # noqa: E402
 
 __all__ = [
+    "AdapterTypeError",
+    "BasisAllocation",
+    "BasisConfig",
+    "BasisModel",
     "BaselCallback",
     "BaselConfig",
     "BaselModel",
@@ -31,11 +38,14 @@ __all__ = [
     "TaskVectorBasis",
     "TaskVectorError",
     "__version__",
+    "basis_allocation",
     "calibrate",
     "calibrate_sequential",
     "compress_sequential",
     "export_factorized",
+    "load_adapter",
     "load_lean",
     "quantize_factors_8bit",
+    "record_quality",
     "use_statistics",
 ]
