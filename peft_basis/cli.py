@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential", action="store_true",
                    help="compress layer by layer from the checkpoint's safetensors shards (peak memory: about one "
                         "decoder layer) and load the result leanly, without reading the replaced dense weights")
+    p.add_argument("--compressed-inputs", action="store_true",
+                   help="with --sequential and --group-size 1: calibrate every layer on the outputs of the "
+                        "already-compressed layers before it (better quality, one more forward pass per layer)")
     return p
 
 
@@ -59,6 +62,8 @@ def run(argv: list[str] | None = None) -> dict:
 
     if args.sequential and args.layers is not None:
         raise SystemExit("--sequential compresses the checkpoint as stored; drop --layers (or run without --sequential).")
+    if args.compressed_inputs and not args.sequential:
+        raise SystemExit("--compressed-inputs needs --sequential (layers are compressed one after another).")
     if args.sequential and args.group_size == "auto":
         raise SystemExit("--sequential needs an integer --group-size (auto compares groupings with all Grams in memory).")
     model_path = args.model or default_model_path()
@@ -100,7 +105,8 @@ def run(argv: list[str] | None = None) -> dict:
         if args.statistics:
             raise SystemExit("--statistics applies to the whole-model path; --sequential streams its own.")
         del model  # the point of --sequential: the dense model is never in memory with the factors
-        peft_basis.compress_sequential(model_path, config, batches, args.output)
+        peft_basis.compress_sequential(model_path, config, batches, args.output,
+                                       inputs="compressed" if args.compressed_inputs else "dense")
         t_calib = None  # calibration and factorisation interleave layer by layer
         peft_model = peft_basis.load_lean(model_path, args.output)
     else:

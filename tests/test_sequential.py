@@ -239,3 +239,47 @@ def test_calibrate_sequential_feeds_basel_whitened_init(tmp_path):
     seq = get_peft_model(tiny_llama(layers=2), seq_config)
     with torch.no_grad():
         torch.testing.assert_close(seq(IDS).logits, whole(IDS).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", pytest.param("gpt2", marks=SLOW)])
+def test_compressed_inputs_calibrate_each_layer_on_the_compressed_layers_before_it(arch, tmp_path):
+    """inputs='compressed': layer 0's factors are the whole-model ones (same inputs); layer 1's equal those
+    of the whole-model path run on a model whose layer 0 was already replaced by its factors."""
+    base = BUILDERS[arch](layers=2)
+    path = save_checkpoint(base, tmp_path / "base")
+    data = token_batches(3)
+    cfg = dict(compression_ratio=0.3, group_size=1)
+    report = compress_sequential(path, SharedBasisConfig(**cfg), data, str(tmp_path / "seq"), progress=False,
+                                 inputs="compressed")
+    seq = load_file(str(tmp_path / "seq" / "adapter_model.safetensors"))
+
+    # reference: the dense model with layer 0 replaced by the sequential factors, compressed whole-model
+    dense = AutoModelForCausalLM.from_pretrained(path)
+    half = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), str(tmp_path / "seq")).merge_and_unload()
+    half_state = half.state_dict()
+    layer1 = {k for k in half_state if ".1." in k}
+    half.load_state_dict({**half_state, **{k: v for k, v in dense.state_dict().items() if k in layer1}})
+    whole_model_adapter(dense, SharedBasisConfig(**cfg, layers_to_transform=[0]), data, tmp_path / "ref0")
+    whole_model_adapter(half, SharedBasisConfig(**cfg, layers_to_transform=[1]), data, tmp_path / "ref1")
+    ref = {**load_file(str(tmp_path / "ref0" / "adapter_model.safetensors")),
+           **load_file(str(tmp_path / "ref1" / "adapter_model.safetensors"))}
+    assert sorted(seq) == sorted(ref)
+    for k in seq:
+        # the whole-model path may top a group up by one rank (uniform's leftover); the leading directions agree
+        r = ref[k][: seq[k].shape[0]] if "sb_bases" in k else ref[k][:, : seq[k].shape[1]]
+        assert seq[k].shape == r.shape, k
+        assert (seq[k] - r).abs().max().item() <= 1e-4 * max(1.0, r.abs().max().item()), k
+    # the ranks are each module's own ratio's rank; the adapter loads with PEFT's own call
+    assert all(r["params"] <= (1 - 0.3) * r["dense_params"] for r in report)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), str(tmp_path / "seq"))
+    assert loaded.base_model.stored_parameters() == sum(r["params"] for r in report)
+
+
+def test_compressed_inputs_refuse_what_needs_later_layers(tmp_path):
+    path = save_checkpoint(tiny_llama(layers=2), tmp_path / "base", shard=False)
+    with pytest.raises(ValueError, match="group_size=1"):
+        compress_sequential(path, SharedBasisConfig(group_size=2), token_batches(1), str(tmp_path / "o"),
+                            inputs="compressed", progress=False)
+    with pytest.raises(ValueError, match="rank_allocation='uniform'"):
+        compress_sequential(path, SharedBasisConfig(group_size=1, rank_allocation="global"), token_batches(1),
+                            str(tmp_path / "o"), inputs="compressed", progress=False)

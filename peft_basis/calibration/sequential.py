@@ -253,6 +253,7 @@ def iter_layer_statistics(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     model: nn.Module | None = None,
+    replay: bool = False,
 ) -> Iterator[LayerStatistics]:
     """Stream the decoder layers of the checkpoint at ``model_path`` one at a time.
 
@@ -261,6 +262,11 @@ def iter_layer_statistics(
     materialised while the consumer holds it and freed when the generator resumes. Inputs of each
     layer are the *dense* outputs of the previous one, so the statistics equal those
     :func:`peft_basis.calibrate` computes on the whole model.
+
+    ``replay=True``: the layer's inputs are kept while the consumer holds it, and when the generator
+    resumes the layer runs again on them, so the next layer's inputs are the outputs of the layer *as
+    the consumer left it* (e.g. compressed in place): llm-compressor's sequential pipeline, where
+    every layer is calibrated on the outputs of the already-compressed layers before it.
     """
     from . import _tuner_cls
     from .engine import _backbone
@@ -309,6 +315,7 @@ def iter_layer_statistics(
         ckpt.close()  # unmap the shard: its pages would otherwise stay in this process's RSS
         targets = {n: model.get_submodule(n) for n in by_layer.get(i, [])}
         collector = GramCollector(targets)
+        layer_inputs = [b.hidden for b in captured] if replay else None
         with torch.no_grad(), collector.attached():
             for b in captured:
                 collector._seen.clear()
@@ -325,6 +332,12 @@ def iter_layer_statistics(
         stats = collector.finalize() if targets else CalibrationStatistics()
         try:
             yield LayerStatistics(i, f"{layer_prefix}{i}", layer, targets, stats)
+            if replay:
+                with torch.no_grad():
+                    for b, x in zip(captured, layer_inputs):
+                        out = layer(x, *b.args, **b.kwargs)
+                        b.hidden = out[0] if isinstance(out, (tuple, list)) else out
+                del layer_inputs
         finally:
             release(layer)
             trim_memory()
@@ -466,6 +479,7 @@ def compress_sequential(
     scratch_dir: str | None = None,
     save_statistics_to: str | None = None,
     device: torch.device | str = "cpu",
+    inputs: str = "dense",
 ) -> list[dict]:
     """Compress the checkpoint at ``model_path`` with Basis Sharing, one decoder layer in memory at a time.
 
@@ -482,14 +496,41 @@ def compress_sequential(
     (:class:`CalibrationStatistics` format). Under ``torch.distributed`` call it on every rank with
     that rank's shard of the data; rank 0 writes. ``device``: where each layer runs and its Grams
     accumulate (e.g. ``f"cuda:{local_rank}"`` with NCCL); the factorisation reads them back on the CPU.
+
+    ``inputs="compressed"``: every layer is calibrated on the outputs of the layers before it *as
+    compressed* (llm-compressor's sequential pipeline), so its factors fit the inputs it will really
+    see; each layer is factorised as soon as its Grams are complete and replayed compressed. Needs
+    every group to be one layer (``group_size=1``, or no shared matrix types: a shared basis would
+    need the Grams of later layers, whose inputs depend on it) and ``rank_allocation="uniform"``
+    (ranks are fixed before any spectrum is seen: each group at its own ratio's rank, without the
+    one-rank top-up of the leftover budget). Costs one more forward pass per layer. On SmolLM2-135M
+    it lowers held-out perplexity at every ratio (docs/shared_basis.md).
     """
     from ..tuners.shared_basis.model import SharedBasisModel
 
     _check_supported(config)
+    if inputs not in ("dense", "compressed"):
+        raise ValueError(f"inputs must be 'dense' or 'compressed', not {inputs!r}.")
     config = copy.deepcopy(config)
     model = meta_model(model_path, dtype)
     names = SharedBasisModel.resolve_target_names(model, config)
     groups = _plan_groups(model, names, config)
+    if inputs == "compressed":
+        shared = [g for g in groups if len(g.members) > 1]
+        if shared:
+            raise ValueError(
+                f"inputs='compressed' factorises each layer before the next one runs, but {shared[0].key} shares one "
+                f"basis across layers {shared[0].members[0]} ... {shared[0].members[-1]}. Pass group_size=1 (or "
+                "shared_modules=[]), or inputs='dense'."
+            )
+        if config.rank_allocation != "uniform":
+            raise ValueError("inputs='compressed' fixes every rank before the first layer runs: use "
+                             "rank_allocation='uniform', or inputs='dense' for 'global'.")
+        report = _compress_on_compressed_inputs(model_path, model, config, groups, dataloader, output_dir,
+                                                max_batches=max_batches, progress=progress, dtype=dtype,
+                                                device=device, save_statistics_to=save_statistics_to)
+        _barrier()
+        return report
     is_main = _rank() == 0
     own_scratch = save_statistics_to is None and scratch_dir is None
     if save_statistics_to is not None:
@@ -524,6 +565,77 @@ def _group_gram(stats: CalibrationStatistics, members: list[str]) -> torch.Tenso
     """The group's input Gram exactly as ``SharedBasisModel`` forms it (distinct inputs summed once)."""
     keys = tuple(sorted({stats.sources[m] for m in members}))
     return stats.grams[keys[0]] if len(keys) == 1 else sum(stats.grams[k] for k in keys)
+
+
+def _compress_on_compressed_inputs(model_path, model, config, groups, dataloader, output_dir, *, max_batches,
+                                   progress, dtype, device, save_statistics_to) -> list[dict]:
+    """One pass: each layer's groups are factorised from Grams on the compressed model's inputs, written
+    to the adapter file, and the layer is replayed with the factorised weights for the next layer."""
+    from ..tuners.shared_basis.model import SharedBasisModel, factorize_group, member_error
+
+    is_main = _rank() == 0
+    rank_of = {g.key: SharedBasisModel._floor(g, config) for g in groups}
+    group_of = {g.members[0]: g for g in groups}
+    shapes = {m: in_out_features(model.get_submodule(m)) for g in groups for m in g.members}
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    dtypes = {m: model.get_submodule(m).weight.dtype for m in shapes}
+    for g in sorted(groups, key=lambda g: layer_index(g.members[0])):
+        (m,) = g.members
+        specs[f"base_model.sb_bases.{g.key}"] = ((rank_of[g.key], g.d_in), dtypes[m])
+        specs[f"base_model.model.{m}.sb_coefficient"] = ((shapes[m][1], rank_of[g.key]), dtypes[m])
+    writer = None
+    if is_main:
+        os.makedirs(output_dir, exist_ok=True)
+        writer = SafetensorsStreamWriter(os.path.join(output_dir, "adapter_model.safetensors"), specs,
+                                         {"format": "pt"})
+    reports: dict[str, dict] = {}
+    try:
+        for item in iter_layer_statistics(model_path, config, dataloader, max_batches=max_batches, progress=progress,
+                                          dtype=dtype, model=model, device=device, replay=True):
+            if save_statistics_to is not None and is_main:
+                os.makedirs(save_statistics_to, exist_ok=True)
+                item.stats.save(os.path.join(save_statistics_to, f"layer_{item.index}.safetensors"))
+            for m, module in item.targets.items():
+                g = group_of[m]
+                weight = linear_weight(module).detach()
+                gram = item.stats.gram(m).to("cpu")
+                f = factorize_group([weight.to("cpu")], gram, rank_of[g.key], config.damping, m)
+                coef, basis = f.coefficients[0], f.basis
+                # the layer as it will be served: the next layers are calibrated on its outputs (every rank
+                # computes the same factors from the same all-reduced Gram)
+                compressed = (coef @ basis).to(module.weight.dtype).to(module.weight.device)
+                module.weight.data.copy_(compressed.T if isinstance(module, Conv1D) else compressed)
+                if writer is not None:
+                    writer.write(f"base_model.sb_bases.{g.key}", basis.to(dtypes[m]))
+                    writer.write(f"base_model.model.{m}.sb_coefficient", coef.to(dtypes[m]))
+                reports[g.key] = {"group": g.key, "members": g.members, "rank": rank_of[g.key],
+                                  "params": rank_of[g.key] * g.cost, "dense_params": g.dense_params,
+                                  "relative_error": member_error(weight.to("cpu"), coef, basis, gram)}
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if is_main:
+        _save_adapter_config(model_path, model, config, groups, rank_of, output_dir)
+    return [reports[g.key] for g in groups]
+
+
+def _save_adapter_config(model_path, model, config, groups, rank_of, output_dir) -> None:
+    """The config exactly as SharedBasisModel fills it, saved as PeftModel.save_pretrained saves it."""
+    if config.target_modules is None:  # what BasisTunerBase._prepare_adapter_config writes
+        config.target_modules = sorted({n.rsplit(".", 1)[-1] for n in find_linear_names(model)})
+    for g in groups:
+        config.groups[g.key] = g.members
+        config.rank_pattern.update({m: rank_of[g.key] for m in g.members})
+    config.base_model_name_or_path = config.base_model_name_or_path or model_path
+    config.inference_mode = True
+    auto_mapping = None
+    if config.task_type is None:
+        base_cls = type(model)
+        auto_mapping = {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
+    config.save_pretrained(output_dir, auto_mapping_dict=auto_mapping)
 
 
 def _compress(model_path, model, config, groups, dataloader, output_dir, scratch, is_main, *, max_batches,
@@ -624,18 +736,6 @@ def _compress(model_path, model, config, groups, dataloader, output_dir, scratch
     finally:
         ckpt.close()
 
-    # the config exactly as SharedBasisModel fills it, saved as PeftModel.save_pretrained saves it
-    if config.target_modules is None:  # what BasisTunerBase._prepare_adapter_config writes
-        config.target_modules = sorted({n.rsplit(".", 1)[-1] for n in find_linear_names(model)})
-    for g in groups:
-        config.groups[g.key] = g.members
-        config.rank_pattern.update({m: rank_of[g.key] for m in g.members})
-    config.base_model_name_or_path = config.base_model_name_or_path or model_path
-    config.inference_mode = True
-    auto_mapping = None
-    if config.task_type is None:
-        base_cls = type(model)
-        auto_mapping = {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
-    config.save_pretrained(output_dir, auto_mapping_dict=auto_mapping)
+    _save_adapter_config(model_path, model, config, groups, rank_of, output_dir)
     return [reports[g.key] for g in groups]
 
