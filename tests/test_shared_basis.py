@@ -156,7 +156,9 @@ def test_keep_dense_weight_allows_disable():
 def test_auto_group_size_never_worse_than_private_in_calibration_error():
     data = token_batches(6)
     base = tiny_llama()
-    auto, cfg_auto, stats = compress(fresh_copy(base), data, compression_ratio=0.3, group_size="auto")
+    # auto_selection_tokens=0: choose by calibration output error alone (no data kept for a loss)
+    auto, cfg_auto, stats = compress(fresh_copy(base), data, compression_ratio=0.3, group_size="auto",
+                                     auto_selection_tokens=0)
     private, cfg_priv, _ = compress(fresh_copy(base), data, compression_ratio=0.3, group_size=1)
     weights = {n: linear_weight(m).detach() for n, m in base.named_modules() if type(m).__name__ == "Linear"}
 
@@ -171,6 +173,30 @@ def test_auto_group_size_never_worse_than_private_in_calibration_error():
 
     assert total_error(auto, cfg_auto) <= total_error(private, cfg_priv) * (1 + 1e-6)
     assert auto.base_model.stored_parameters() <= 0.7 * sum(w.numel() for n, w in weights.items() if "layers" in n)
+
+
+def test_auto_group_size_chooses_by_model_loss_on_calibration_tokens():
+    data = token_batches(6)
+    base = tiny_llama()
+    auto, cfg, stats = compress(fresh_copy(base), data, compression_ratio=0.3, group_size="auto",
+                                auto_selection_tokens=40)
+    kept = [k for k in stats.extra if k.startswith("selection/")]
+    assert kept and sum(stats.extra[k].numel() for k in kept if k.endswith("input_ids")) >= 40
+    scores = auto.base_model.auto_selection
+    assert set(scores) == {"model.layers.*.self_attn.q_proj", "model.layers.*.self_attn.k_proj",
+                           "model.layers.*.self_attn.v_proj", "model.layers.*.self_attn.o_proj",
+                           "model.layers.*.mlp.gate_proj", "model.layers.*.mlp.up_proj", "model.layers.*.mlp.down_proj"}
+    # every matrix type kept the grouping with the lowest loss (ties keep private factors)
+    for type_name, by_size in scores.items():
+        size = len(next(m for k, m in cfg.groups.items() if k.startswith(type_name.split("*.")[1].replace(".", "_"))))
+        assert by_size[size] == min(by_size.values()), type_name
+    # the first type's private candidate is scored exactly as that model: q_proj alone compressed per layer
+    only_q, _, _ = compress(fresh_copy(base), data, compression_ratio=0.3, group_size=1, target_modules=["q_proj"])
+    batches = type(auto.base_model)._selection_batches(stats)
+    with torch.no_grad():
+        losses = [(float(only_q(**b).loss), int((b["labels"][:, 1:] != -100).sum())) for b in batches]
+    expected = sum(l * n for l, n in losses) / sum(n for _, n in losses)
+    assert abs(scores["model.layers.*.self_attn.q_proj"][1] - expected) < 1e-5
 
 
 def test_trains_in_trainer_and_a_lora_stacks_on_the_compressed_model(tmp_path):

@@ -29,9 +29,13 @@ class SharedBasisConfig(BasisConfigBase):
         group_size: layers per shared basis (``1`` = private per-layer whitened SVD, i.e. SVD-LLM),
             or ``"auto"``: for each matrix type, try 1, 2 and 4 (``auto_group_sizes``) and keep the one
             with the lowest calibration output error (each layer measured on its own inputs) at that
-            type's parameter budget, so it is never worse than per-layer in calibration error. Measured
-            on SmolLM2-135M this did NOT carry over to held-out perplexity (docs/shared_basis.md); it
-            costs about three factorisations per group.
+            type's parameter budget. That error did not predict perplexity on SmolLM2-135M (sharing
+            gate/up lowers every module's error yet raises perplexity: the shared bases drop the same
+            directions in consecutive layers), so when ``calibrate`` ran with data, the choice is made
+            end to end: matrix type after matrix type, each candidate grouping is scored by the model's
+            loss on ``auto_selection_tokens`` calibration tokens (earlier types already compressed as
+            chosen), and sharing must lower it to be kept. Costs about three factorisations per group
+            and ``len(auto_group_sizes)`` forward passes over those tokens per matrix type.
         shared_modules: which matrix types share (when ``group_size`` is an int > 1). ``None``: the
             paper's choice for the architecture, nothing for unknown ones.
         rank_allocation: ``"uniform"`` (the paper: every group at the same ratio, plus at most one rank
@@ -49,6 +53,9 @@ class SharedBasisConfig(BasisConfigBase):
     group_size: Union[int, str] = field(default=2, metadata={"help": "Layers per shared basis, or 'auto'."})
     shared_modules: Optional[list[str]] = field(default=None, metadata={"help": "Matrix types that share."})
     auto_group_sizes: list[int] = field(default_factory=lambda: [1, 2, 4], metadata={"help": "Tried by 'auto'."})
+    auto_selection_tokens: int = field(
+        default=2048, metadata={"help": "Calibration tokens 'auto' scores each grouping on (model loss); 0: error only."}
+    )
     rank_allocation: str = field(default="uniform", metadata={"help": "'uniform' or 'global'."})
     keep_dense_weight: bool = field(default=False, metadata={"help": "Keep dense weights (for disable_adapter)."})
     groups: dict = field(default_factory=dict, metadata={"help": "Filled at creation: group -> module names."})

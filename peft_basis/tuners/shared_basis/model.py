@@ -30,7 +30,7 @@ from ...budget import greedy_allocate, rank_for_ratio
 from ...linalg import DEFAULT_DAMPING, check_finite_gram, robust_eigh
 from ...modules import in_out_features, layer_index, linear_weight, module_type
 from ..base import BasisTunerBase, warn_no_calibration
-from ..factorized import dense_is_dropped, drop_dense_weight
+from ..factorized import dense_is_dropped, drop_dense_weight, factorized_forward
 from .config import DEFAULT_SHARED_MODULES, SharedBasisConfig
 from .layer import SharedBasisLayer
 
@@ -247,6 +247,75 @@ class SharedBasisModel(BasisTunerBase):
                 "fresh copies of the base model; to fine-tune the compressed model, stack a LoRA on the merged model."
             )
 
+    # ---- calibration: what group_size="auto" scores on ---------------------------------------------------
+    @classmethod
+    def extra_calibration(cls, model, config: SharedBasisConfig, stats, dataloader, *, max_batches=None,
+                          progress=True):
+        """Called by ``calibrate`` after the Gram pass: for ``group_size="auto"``, keep the first
+        ``auto_selection_tokens`` calibration tokens (ids only, a few KB) so the grouping can be chosen by
+        the model's loss. Under ``torch.distributed`` every rank takes rank 0's, so all choose alike."""
+        if config.group_size != "auto" or config.auto_selection_tokens <= 0:
+            return
+        from ...calibration.engine import batch_to_kwargs
+
+        kept, seen = [], 0
+        for i, batch in enumerate(dataloader):
+            if (max_batches is not None and i >= max_batches) or seen >= config.auto_selection_tokens:
+                break
+            kw = batch_to_kwargs(batch, "cpu")
+            mask = kw.get("attention_mask")
+            kept.append((kw["input_ids"], mask))
+            seen += int(mask.sum()) if mask is not None else kw["input_ids"].numel()
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            box = [kept]
+            dist.broadcast_object_list(box, src=0)
+            kept = box[0]
+        for i, (ids, mask) in enumerate(kept):
+            stats.extra[f"selection/{i}/input_ids"] = ids
+            if mask is not None:
+                stats.extra[f"selection/{i}/attention_mask"] = mask
+
+    @staticmethod
+    def _selection_batches(stats) -> list[dict]:
+        if stats is None:
+            return []
+        batches = []
+        while f"selection/{len(batches)}/input_ids" in stats.extra:
+            i = len(batches)
+            ids = stats.extra[f"selection/{i}/input_ids"].long()
+            mask = stats.extra.get(f"selection/{i}/attention_mask")
+            labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+            batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+        return batches
+
+    def _model_loss(self, modules: dict, overrides: dict, batches: list[dict]) -> float:
+        """Mean token loss of the model on ``batches`` with the modules in ``overrides``
+        (name -> (basis, coefficient)) computing through those factors instead of their dense weights."""
+        model = self.model
+        device = next(p.device for p in model.parameters() if p.numel() > 0)
+        patched = []
+        was_training = model.training
+        total, count = 0.0, 0
+        try:
+            for m, (basis, coef) in overrides.items():
+                mod = modules[m]
+                bias = getattr(mod, "bias", None)
+                mod.forward = (lambda x, b=basis, c=coef, bb=bias: factorized_forward(x, b, c, bb))
+                patched.append(mod)
+            model.eval()
+            with torch.no_grad():
+                for b in batches:
+                    kw = {k: v.to(device) for k, v in b.items() if v is not None}
+                    n = int((kw["labels"][:, 1:] != -100).sum())
+                    total += float(model(**kw, use_cache=False).loss) * n
+                    count += n
+        finally:
+            for mod in patched:
+                del mod.forward
+            model.train(was_training)
+        return total / max(count, 1)
+
     # ---- building the factors --------------------------------------------------------------------
     def _pre_injection_hook(self, model: nn.Module, config: SharedBasisConfig, adapter_name: str) -> None:
         if not hasattr(self, "sb_bases"):
@@ -349,6 +418,9 @@ class SharedBasisModel(BasisTunerBase):
 
         if config.group_size == "auto":
             groups, ranks = [], []
+            selection = self._selection_batches(stats)
+            chosen_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # member -> (basis, coefficient)
+            self.auto_selection = {}
             for type_name, members in tqdm(types.items(), desc="choosing groups", unit="type"):
                 candidates = sorted({n for n in config.auto_group_sizes if n <= len(members)} | {1})
                 best = None
@@ -369,11 +441,18 @@ class SharedBasisModel(BasisTunerBase):
                         f, errs, rf = factorise(g, stored, sorted({r, stored}), pre.pop(g.key, None))
                         found[g.key] = (f, errs, rf)
                         total += sum(errs[r])
+                    if selection:  # end to end: the model's loss with this type compressed this way
+                        trial = {m: (found[g.key][0].basis[:r], c[:, :r]) for g, r in zip(plan, plan_ranks)
+                                 for m, c in zip(g.members, found[g.key][0].coefficients)}
+                        total = self._model_loss(modules, {**chosen_factors, **trial}, selection)
+                    self.auto_selection.setdefault(type_name, {})[n] = total
                     if best is None or total < best[0]:
                         best = (total, plan, plan_ranks, found)
                 _, plan, plan_ranks, found = best
-                for g in plan:
+                for g, r in zip(plan, plan_ranks):
                     factors[g.key], errors[g.key], refs[g.key] = found[g.key]
+                    for m, c in zip(g.members, factors[g.key].coefficients):
+                        chosen_factors[m] = (factors[g.key].basis[:r], c[:, :r])
                     release(g)
                 groups += plan
                 ranks += plan_ranks
