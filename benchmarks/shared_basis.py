@@ -90,7 +90,8 @@ def run_prepare(stats_path: str, args) -> dict:
     t0 = time.perf_counter()
     result["dense_perplexity"] = perplexity(model, held)
     result["dense_eval_seconds"] = time.perf_counter() - t0
-    peft_basis.calibrate(model, _config(METHODS["whitened, per layer (group_size=1)"], 0.2), _batches(calib),
+    # calibrated with the "auto" config: the same Grams as any other, plus the selection tokens "auto" scores on
+    peft_basis.calibrate(model, _config(METHODS["group_size=auto"], 0.2), _batches(calib),
                          save_to=stats_path, progress=False)
     return result
 
@@ -292,6 +293,8 @@ def main(argv=None):
     p.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
     p.add_argument("--methods", default=None, help="comma-separated indices into METHODS")
     p.add_argument("--skip-cost", action="store_true")
+    p.add_argument("--update", action="store_true",
+                   help="merge into the existing results: replace the rows of the methods run, keep the others")
     p.add_argument("--output", default=os.path.join(RESULTS, "shared_basis"))
     p.add_argument("--_quality", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_cost", default=None, help=argparse.SUPPRESS)
@@ -337,6 +340,13 @@ def main(argv=None):
             result["cost"].append(c)
             print(f"cost {name}: time ratio {c['time_ratio']:.2f}, peak/model {c['peak_rss_over_model']:.2f}", flush=True)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    if args.update and os.path.exists(args.output + ".json"):
+        with open(args.output + ".json") as f:
+            old = json.load(f)
+        rerun = {r["method"] for r in result["quality"]}
+        result["quality"] = [r for r in old["quality"] if r["method"] not in rerun] + result["quality"]
+        costed = {c["method"] for c in result["cost"]}
+        result["cost"] = [c for c in old.get("cost", []) if c["method"] not in costed] + result["cost"]
     from peft_basis.calibration import atomic_write
 
     table = _fmt_table(result)
