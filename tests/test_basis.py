@@ -126,9 +126,10 @@ def test_fisher_scores_are_saved_and_loaded_with_the_statistics(tmp_path):
     stats = peft_basis.calibrate(model, config, token_batches(2), progress=False,
                                  save_to=str(tmp_path / "s.safetensors"))
     loaded = CalibrationStatistics.load(str(tmp_path / "s.safetensors"))
-    keys = [k for k in stats.extra if k.startswith("fisher/")]
+    keys = [k for k in stats.extra if k.startswith("fisher_output/")]  # the default trainable="output"'s scores
     assert len(keys) == 7 and all(torch.equal(loaded.extra[k], stats.extra[k]) for k in keys)
-    assert loaded.meta["fisher_sequences"] == 8
+    assert all(loaded.extra[k].dim() == 1 for k in keys)  # one score per direction (summed over the column)
+    assert loaded.meta["fisher_output_sequences"] == 8
     config2 = BasisConfig(r=2, rank_allocation="fisher")
     peft_basis.use_statistics(config2, str(tmp_path / "s.safetensors"))
     assert basis_allocation(model, config2).ranks == basis_allocation(model, config).ranks
@@ -151,22 +152,30 @@ def test_labels_mask_what_the_fisher_scores_see():
     b = BasisConfig(r=2, rank_allocation="fisher")
     sa = peft_basis.calibrate(model, a, [{"input_ids": ids}], progress=False)
     sb = peft_basis.calibrate(model, b, [{"input_ids": ids, "labels": half}], progress=False)
-    k = next(k for k in sa.extra if k.startswith("fisher/"))
+    k = next(k for k in sa.extra if k.startswith("fisher_output/"))
     assert not torch.allclose(sa.extra[k], sb.extra[k])
-    assert sb.meta["fisher_tokens"] == 4 * 16
+    assert sb.meta["fisher_output_tokens"] == 4 * 16
 
 
 # ---- allocation ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("allocation", ["eigen", "fisher"])
-def test_allocation_respects_the_budget_and_bounds(allocation):
+@pytest.mark.parametrize("allocation, trainable", [("eigen", "core"), ("fisher", "core"), ("eigen", "output"),
+                                                    ("fisher", "output")])
+def test_allocation_respects_the_budget_and_bounds(allocation, trainable):
     model = tiny_llama(layers=2)
-    config = BasisConfig(r=6, rank_allocation=allocation, r_min=2, r_max=20)
+    config = BasisConfig(r=6, rank_allocation=allocation, r_min=2, r_max=20, trainable=trainable)
     peft_basis.calibrate(model, config, token_batches(2), progress=False)
     alloc = basis_allocation(model, config)
-    budget = 14 * 36  # what uniform r=6 costs: 14 modules x 6^2
+    modules = dict(model.named_modules())
+    d_out = {n: in_out_features(modules[n])[1] for n in alloc.ranks}
+    if trainable == "core":
+        budget = 14 * 36  # what uniform r=6 costs: 14 modules x 6^2
+        assert alloc.spent == sum(r * r for r in alloc.ranks.values()) <= budget
+        assert budget - alloc.spent < 2 * 20 + 1  # within one (largest) step
+    else:
+        budget = 6 * sum(d_out.values())  # uniform r=6: 6 columns of d_out per module
+        assert alloc.spent == sum(r * d_out[n] for n, r in alloc.ranks.items()) <= budget
+        assert budget - alloc.spent < max(d_out.values())
     assert alloc.budget == budget
-    assert alloc.spent == sum(r * r for r in alloc.ranks.values()) <= budget
-    assert budget - alloc.spent < 2 * 20 + 1  # within one (largest) step
     assert all(2 <= r <= 20 for r in alloc.ranks.values())
     assert len(set(alloc.ranks.values())) > 1  # not uniform
     pm = get_peft_model(model, config)
@@ -188,13 +197,14 @@ def test_explicit_budget_and_diagonal_core():
     assert all(m.basis_core["default"].dim() == 1 for m in pm.base_model.basis_layers().values())
 
 
-def test_fisher_keeps_each_modules_top_fisher_directions():
+@pytest.mark.parametrize("trainable, key", [("core", "fisher"), ("output", "fisher_output")])
+def test_fisher_keeps_each_modules_top_fisher_directions(trainable, key):
     model = tiny_llama(layers=1)
-    config = BasisConfig(r=3, rank_allocation="fisher", r_max=12)
+    config = BasisConfig(r=3, rank_allocation="fisher", r_max=12, trainable=trainable)
     stats = peft_basis.calibrate(model, config, token_batches(2), progress=False)
     alloc = basis_allocation(model, config)
     for n, idx in alloc.selected.items():
-        f = stats.extra[fisher_key(n)][:12]
+        f = stats.extra[fisher_key(n, key)][:12]
         kept = f[idx]
         if len(idx) < len(f):
             dropped = torch.ones_like(f, dtype=torch.bool)
@@ -216,7 +226,7 @@ def test_calibration_without_tokens_is_refused():
 def test_budget_too_small_for_r_min_is_refused():
     model = tiny_llama(layers=1)
     with pytest.raises(ValueError, match=r"cannot give every one of the 7 modules its r_min=3 \(that needs 63\)"):
-        _basis(model, r=4, rank_allocation="eigen", r_min=3, budget=50)
+        _basis(model, r=4, rank_allocation="eigen", r_min=3, budget=50, trainable="core")
     with pytest.raises(ValueError, match="r_min=5 is above r=4"):
         BasisConfig(r=4, rank_allocation="eigen", r_min=5)
 
@@ -251,10 +261,11 @@ def test_bad_settings_are_refused(kw, match):
 
 
 # ---- in-subspace training, merge, disable -----------------------------------------------------------------
-@pytest.mark.parametrize("arch", sorted(BUILDERS))
-def test_starts_exact_trains_inside_the_subspace_and_merges(arch):
+@pytest.mark.parametrize("arch, trainable", [(a, "output") for a in sorted(BUILDERS)] + [("llama", "input"),
+                                                                                        ("llama", "core")])
+def test_starts_exact_trains_inside_the_subspace_and_merges(arch, trainable):
     base = BUILDERS[arch](layers=2)
-    pm, config = _basis(fresh_copy(base), r=3, rank_allocation="eigen")
+    pm, config = _basis(fresh_copy(base), r=3, rank_allocation="eigen", trainable=trainable)
     ref = _logits(base)
     assert torch.equal(_logits(pm), ref)  # zero core: exactly the base model
     before = {n: m.base_layer.weight.detach().clone() for n, m in pm.base_model.basis_layers().items()}
@@ -265,12 +276,14 @@ def test_starts_exact_trains_inside_the_subspace_and_merges(arch):
     for n, m in pm.base_model.basis_layers().items():
         assert torch.equal(m.base_layer.weight, before[n])  # base weight untouched
         delta = m.delta_weight("default").double()
-        U, R = m.basis_U["default"].double(), m.basis_R["default"].double()
-        outside_out = delta - U @ (U.T @ delta)
-        proj_in = R.T @ torch.linalg.solve(R @ R.T, R)
-        outside_in = delta - delta @ proj_in
         scale = delta.abs().max().clamp_min(1e-12)
-        assert outside_out.abs().max() < 1e-5 * scale and outside_in.abs().max() < 1e-5 * scale
+        assert ("default" in m.basis_U) == (trainable != "output") and ("default" in m.basis_R) == (trainable != "input")
+        if trainable != "output":  # columns of Delta W inside span(U)
+            U = m.basis_U["default"].double()
+            assert (delta - U @ (U.T @ delta)).abs().max() < 1e-5 * scale
+        if trainable != "input":  # rows of Delta W inside span(R)
+            R = m.basis_R["default"].double()
+            assert (delta - delta @ (R.T @ torch.linalg.solve(R @ R.T, R))).abs().max() < 1e-5 * scale
     with pm.disable_adapter():
         assert torch.allclose(_logits(pm), ref, atol=1e-6)
     pm.base_model.merge_adapter()
@@ -285,13 +298,17 @@ def test_starts_exact_trains_inside_the_subspace_and_merges(arch):
     assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in base.parameters())
 
 
-def test_trainable_parameters_are_exactly_the_cores():
-    pm, config = _basis(tiny_llama(layers=2), r=5)
-    trainable = {n: p for n, p in pm.named_parameters() if p.requires_grad}
-    assert all(".basis_core." in n for n in trainable)
-    assert sum(p.numel() for p in trainable.values()) == 14 * 25
-    assert pm.base_model.stored_parameters() == 14 * 25 + sum(
-        5 * sum(in_out_features(m.base_layer)) for m in pm.base_model.basis_layers().values())
+@pytest.mark.parametrize("trainable", ["output", "input", "core", "diagonal"])
+def test_trainable_parameters_are_exactly_the_cores(trainable):
+    pm, config = _basis(tiny_llama(layers=2), r=5, trainable=trainable)
+    trainable_params = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    assert all(".basis_core." in n for n in trainable_params)
+    shapes = [in_out_features(m.base_layer) for m in pm.base_model.basis_layers().values()]
+    expected = sum({"output": 5 * d_out, "input": 5 * d_in, "core": 25, "diagonal": 5}[trainable]
+                   for d_in, d_out in shapes)
+    assert sum(p.numel() for p in trainable_params.values()) == expected == pm.base_model.trainable_parameters()
+    frozen = sum({"output": 5 * d_in, "input": 5 * d_out}.get(trainable, 5 * (d_in + d_out)) for d_in, d_out in shapes)
+    assert pm.base_model.stored_parameters() == expected + frozen
 
 
 def test_several_adapters_switch_with_set_adapter(tmp_path):
@@ -319,10 +336,12 @@ def test_several_adapters_switch_with_set_adapter(tmp_path):
 
 
 # ---- save / reload -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("allocation, low_mem", [("uniform", True), ("eigen", False), ("fisher", True)])
-def test_reload_without_data_gives_identical_logits(allocation, low_mem, tmp_path):
+@pytest.mark.parametrize("allocation, low_mem, trainable", [("uniform", True, "output"), ("eigen", False, "output"),
+                                                            ("fisher", True, "output"), ("eigen", True, "input"),
+                                                            ("fisher", False, "core")])
+def test_reload_without_data_gives_identical_logits(allocation, low_mem, trainable, tmp_path):
     base = tiny_llama(layers=2)
-    pm, config = _basis(fresh_copy(base), r=3, rank_allocation=allocation)
+    pm, config = _basis(fresh_copy(base), r=3, rank_allocation=allocation, trainable=trainable)
     _train(pm, steps=2)
     pm.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(fresh_copy(base), tmp_path, low_cpu_mem_usage=low_mem)
@@ -361,7 +380,7 @@ def test_statistics_from_calibrate_sequential_build_the_same_adapter(tmp_path):
     with pytest.raises(CalibrationError, match="calibrate_sequential"):
         basis_allocation(base, fisher)
     peft_basis.calibrate(fresh_copy(base), fisher, token_batches(2), statistics=seq_stats, progress=False)
-    assert any(k.startswith("fisher/") for k in seq_stats.extra)
+    assert any(k.startswith("fisher_output/") for k in seq_stats.extra)
     get_peft_model(fresh_copy(base), fisher)
 
 
@@ -442,7 +461,8 @@ def test_real_smollm2_two_layers_fisher_basis_trains():
     ref = _logits(model, train[8:10])
     pm = get_peft_model(model, config)
     assert torch.equal(_logits(pm, train[8:10]), ref)
-    assert sum(p.numel() for p in pm.parameters() if p.requires_grad) <= 14 * 64
+    d_outs = [in_out_features(m.base_layer)[1] for m in pm.base_model.basis_layers().values()]
+    assert sum(p.numel() for p in pm.parameters() if p.requires_grad) <= 8 * sum(d_outs)  # uniform r=8's cost
     with torch.no_grad():
         before = pm(input_ids=train[8:12], labels=train[8:12]).loss.item()
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=3e-3)

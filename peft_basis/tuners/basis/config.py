@@ -7,7 +7,7 @@ from ..._peft_type import add_peft_type
 from ..base import BasisConfigBase
 
 ALLOCATIONS = ("uniform", "eigen", "fisher")
-TRAINABLE = ("core", "diagonal")
+TRAINABLE = ("output", "input", "core", "diagonal")
 
 
 @dataclass
@@ -23,14 +23,15 @@ class BasisConfig(BasisConfigBase):
        orthonormal columns and the input coordinates ``x R`` are white on the calibration data
        (``R^T C R = I``). ``sigma_i^2`` is direction ``i``'s share of ``tr(W C W^T)``, the module's mean
        squared output on the calibration data.
-    3. The adapter keeps ``r`` directions (``U_r``, ``R_r``, frozen) and trains only a core:
-       ``y = x W^T + ((x R_r) M^T) U_r^T``. ``M`` starts at zero, so the model starts exactly at the base
-       model, the base weight is never modified, and training changes ``W`` only inside
-       ``span(U_r) x span(R_r)``.
+    3. The adapter keeps ``r`` directions and trains one zero-initialised tensor ``M`` inside them (see
+       ``trainable``); the model starts exactly at the base model, the base weight is never modified, and
+       training changes ``W`` only inside the chosen subspace. Default (``trainable="output"``):
+       ``Delta W = M R_r`` with ``R_r`` frozen and ``M`` (``d_out x r``) trained, so every row of ``W`` moves
+       only along the ``r`` calibration-aware input directions.
 
     Args:
         r: rank per module under ``"uniform"`` allocation. It also sets the global budget for the other
-            allocations: the trainable parameters uniform ``r`` costs (``r^2`` per module for the core).
+            allocations: the trainable parameters uniform ``r`` costs (``r * d_out`` per module for ``"output"``).
         rank_allocation: ``"uniform"`` (``r`` everywhere, leading directions), ``"eigen"`` (the budget goes
             to the directions with the largest share of their module's calibration output energy,
             ``sigma_i^2 / sum_j sigma_j^2``, per trainable parameter, as EVA does with explained variance)
@@ -43,11 +44,20 @@ class BasisConfig(BasisConfigBase):
             ``1.0`` is the raw empirical Fisher (concentrates the budget in the few most sensitive modules).
         r_min / r_max: per-module rank bounds for ``"eigen"``/``"fisher"``. ``r_max=None`` means ``4 * r``
             (capped at the module's size). ``r_min=0`` lets a module go unadapted.
-        trainable: the trainable shape inside the subspace. ``"core"``: a full ``r x r`` matrix (``r^2``
-            parameters per module; any update of rank <= r inside the subspace). ``"diagonal"``: ``r``
-            parameters, rescales the kept directions only (``U_r diag(m) R_r^T``). Either way the frozen
-            ``U_r`` and ``R_r`` (``r (d_in + d_out)`` values) are stored in the adapter file so it is
-            self-contained.
+        trainable: the trainable shape inside the subspace, per module of size ``d_out x d_in`` at rank ``r``:
+
+            - ``"output"`` (default): ``Delta W = M R_r``, ``M`` ``d_out x r`` trained, the input directions
+              ``R_r`` (``r x d_in``) frozen. ``r * d_out`` trainable parameters; stores ``R_r`` too. At LoRA r=8's
+              budget this gives rank ``8 (d_in + d_out) / d_out`` (16 on a square module), and on the benchmark
+              (``docs/basis.md``) it is the only shape that matches LoRA/EVA.
+            - ``"input"``: ``Delta W = U_r M``, ``M`` ``r x d_in`` trained, ``U_r`` frozen. ``r * d_in``
+              parameters; stores ``U_r``.
+            - ``"core"``: ``Delta W = U_r M R_r``, ``M`` ``r x r``. ``r^2`` parameters (any update of rank <= r
+              inside ``span(U_r) x span(R_r)``); stores ``U_r`` and ``R_r``.
+            - ``"diagonal"``: ``U_r diag(m) R_r^T``, ``r`` parameters; rescales the kept directions only.
+
+            ``"fisher"`` allocation scores each direction by the Fisher of what is trained along it: the core's
+            diagonal entry (core/diagonal), the whole column ``M[:, i]`` (output) or row ``M[i]`` (input).
         rank_pattern: filled at creation (module -> rank), so ``PeftModel.from_pretrained`` rebuilds the
             exact shapes with no data. A ``rank_pattern`` given together with calibration statistics is
             used as the allocation.
@@ -58,7 +68,9 @@ class BasisConfig(BasisConfigBase):
     rank_allocation: str = field(default="uniform", metadata={"help": "'uniform', 'eigen' or 'fisher'."})
     r_min: int = field(default=1, metadata={"help": "Lowest rank of a module (eigen/fisher allocation)."})
     r_max: Optional[int] = field(default=None, metadata={"help": "Highest rank of a module; None = 4 * r."})
-    trainable: str = field(default="core", metadata={"help": "'core' (r x r) or 'diagonal' (r)."})
+    trainable: str = field(
+        default="output", metadata={"help": "'output' (d_out x r), 'input' (r x d_in), 'core' (r x r) or 'diagonal' (r)."}
+    )
     fisher_power: float = field(
         default=0.5, metadata={"help": "Fisher allocation scores a direction by F_i ** fisher_power (0.5: RMS gradient)."}
     )
@@ -89,9 +101,10 @@ class BasisConfig(BasisConfigBase):
     def max_rank(self) -> int:
         return self.r_max if self.r_max is not None else 4 * self.r
 
-    def step_cost(self, i: int) -> int:
-        """Trainable parameters of a module's ``i``-th direction (0-based)."""
-        return 2 * i + 1 if self.trainable == "core" else 1
+    def step_cost(self, i: int, d_in: int, d_out: int) -> int:
+        """Trainable parameters of the ``i``-th direction (0-based) of a ``d_out x d_in`` module."""
+        return {"output": d_out, "input": d_in, "core": 2 * i + 1, "diagonal": 1}[self.trainable]
 
-    def rank_cost(self, r: int) -> int:
-        return r * r if self.trainable == "core" else r
+    def rank_cost(self, r: int, d_in: int, d_out: int) -> int:
+        """Trainable parameters of a ``d_out x d_in`` module at rank ``r``."""
+        return {"output": r * d_out, "input": r * d_in, "core": r * r, "diagonal": r}[self.trainable]

@@ -9,12 +9,14 @@ from ...modules import in_out_features
 
 
 class BasisLayer(nn.Module, BaseTunerLayer):
-    """A target Linear/Conv1D under BASIS: ``y = base(x) + ((x R^T) M^T) U^T`` per active adapter.
+    """A target Linear/Conv1D under BASIS: ``y = base(x) + x (U M R)^T`` per active adapter.
 
     ``basis_R`` (``r x d_in``: input directions, white on the calibration data) and ``basis_U``
-    (``d_out x r``: orthonormal output directions) are frozen; ``basis_core`` (``r x r``, or ``r`` for a
-    diagonal core) is the only trainable tensor and starts at zero. The base layer is never modified
-    except while merged (``W + U M R``, undone exactly by ``unmerge`` up to float rounding).
+    (``d_out x r``: orthonormal output directions) are frozen; ``basis_core`` is the only trainable tensor
+    and starts at zero. Its shape is the trainable shape: ``d_out x r`` (``"output"``: ``Delta W = M R``, no
+    ``U`` stored), ``r x d_in`` (``"input"``: ``Delta W = U M``, no ``R`` stored), ``r x r`` (``"core"``) or
+    ``r`` (``"diagonal"``, ``U diag(M) R``). A missing ``U`` or ``R`` acts as the identity. The base layer is
+    never modified except while merged (``W + Delta W``, undone exactly by ``unmerge`` up to float rounding).
     """
 
     adapter_layer_names = ("basis_core",)
@@ -30,24 +32,34 @@ class BasisLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         self.in_features, self.out_features = in_out_features(base_layer)
 
-    def update_layer(self, adapter_name: str, U: torch.Tensor, R: torch.Tensor, core: torch.Tensor) -> None:
-        self.basis_U[adapter_name] = nn.Parameter(U, requires_grad=False)
-        self.basis_R[adapter_name] = nn.Parameter(R, requires_grad=False)
+    def update_layer(self, adapter_name: str, U: torch.Tensor | None, R: torch.Tensor | None,
+                     core: torch.Tensor) -> None:
+        for store, value in ((self.basis_U, U), (self.basis_R, R)):
+            if value is not None:
+                store[adapter_name] = nn.Parameter(value, requires_grad=False)
+            elif adapter_name in store:
+                del store[adapter_name]
         self.basis_core[adapter_name] = nn.Parameter(core)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
     def rank(self, adapter_name: str) -> int:
-        return self.basis_R[adapter_name].shape[0]
+        if adapter_name in self.basis_R:
+            return self.basis_R[adapter_name].shape[0]
+        return self.basis_U[adapter_name].shape[1]
 
     def core_matrix(self, adapter_name: str) -> torch.Tensor:
         core = self.basis_core[adapter_name]
         return torch.diag(core) if core.dim() == 1 else core
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``U M R`` as ``d_out x d_in``."""
-        U, R = self.basis_U[adapter_name], self.basis_R[adapter_name]
-        return U @ self.core_matrix(adapter_name).to(U.dtype) @ R
+        """``U M R`` as ``d_out x d_in`` (a missing ``U`` or ``R`` is the identity)."""
+        delta = self.core_matrix(adapter_name)
+        if adapter_name in self.basis_U:
+            delta = self.basis_U[adapter_name] @ delta.to(self.basis_U[adapter_name].dtype)
+        if adapter_name in self.basis_R:
+            delta = delta.to(self.basis_R[adapter_name].dtype) @ self.basis_R[adapter_name]
+        return delta
 
     # ---- merge ---------------------------------------------------------------------------------------
     def _apply_delta(self, adapter_name: str, sign: float, safe_merge: bool = False) -> None:
@@ -88,10 +100,14 @@ class BasisLayer(nn.Module, BaseTunerLayer):
         for name in self.active_adapters:
             if name not in self.basis_core:
                 continue
-            core, U, R = self.basis_core[name], self.basis_U[name], self.basis_R[name]
-            h = nn.functional.linear(x.to(R.dtype), R)  # white coordinates of x in the subspace
-            h = h * core.to(h.dtype) if core.dim() == 1 else nn.functional.linear(h, core.to(h.dtype))
-            result = result + nn.functional.linear(h, U).to(result.dtype)
+            core = self.basis_core[name]
+            h = x.to(core.dtype)
+            if name in self.basis_R:
+                h = nn.functional.linear(h, self.basis_R[name])  # white coordinates of x in the subspace
+            h = h * core if core.dim() == 1 else nn.functional.linear(h, core)
+            if name in self.basis_U:
+                h = nn.functional.linear(h, self.basis_U[name])
+            result = result + h.to(result.dtype)
         return result
 
     def __repr__(self) -> str:

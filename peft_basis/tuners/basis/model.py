@@ -114,15 +114,20 @@ class BasisAllocation:
         return table
 
 
-def _fisher_scores(stats, n: str) -> torch.Tensor:
-    key = fisher_key(n)
+def _fisher_key(config: BasisConfig) -> str:
+    """Where the Fisher scores live in the statistics: they depend on the trainable shape (see ``calibrate``)."""
+    return "fisher" if config.trainable in ("core", "diagonal") else f"fisher_{config.trainable}"
+
+
+def _fisher_scores(stats, n: str, config: BasisConfig) -> torch.Tensor:
+    key = fisher_key(n, _fisher_key(config))
     if stats is None or key not in stats.extra:
         pipeline = "" if stats is None else stats.meta.get("pipeline", "")
         hint = (" These statistics come from calibrate_sequential, which runs no backward pass; pass them to "
                 "`calibrate(model, config, dataloader, statistics=...)` to add the Fisher scores."
                 if pipeline == "sequential" else "")
         raise CalibrationError(
-            f"rank_allocation='fisher' needs Fisher scores for {n}, which `calibrate(model, config, dataloader)` "
+            f"rank_allocation='fisher' with trainable={config.trainable!r} needs Fisher scores for {n}, which `calibrate(model, config, dataloader)` "
             f"computes with backward passes when the config says rank_allocation='fisher'.{hint}"
         )
     return stats.extra[key].double()
@@ -150,7 +155,7 @@ def _allocate(config: BasisConfig, names: list[str], shapes: dict[str, tuple[int
                              "everywhere. Leave budget=None or pick another allocation.")
         ranks = {n: config.r for n in names}
     else:
-        budget = config.budget if config.budget is not None else sum(config.rank_cost(config.r) for _ in names)
+        budget = config.budget if config.budget is not None else sum(config.rank_cost(config.r, *shapes[n]) for n in names)
         caps, scores, orders = [], [], []
         for n in names:
             cap = min(config.max_rank, *shapes[n])
@@ -158,7 +163,7 @@ def _allocate(config: BasisConfig, names: list[str], shapes: dict[str, tuple[int
                 s = energy[n][:cap]
                 order = torch.arange(len(s))
             else:
-                f = _fisher_scores(stats, n).clamp_min(0) ** config.fisher_power
+                f = _fisher_scores(stats, n, config).clamp_min(0) ** config.fisher_power
                 cap = min(cap, len(f))
                 order = torch.argsort(f[:cap], descending=True, stable=True)
                 s = f[order]
@@ -166,33 +171,33 @@ def _allocate(config: BasisConfig, names: list[str], shapes: dict[str, tuple[int
             scores.append(s)
             orders.append(order)
         r_min = [min(config.r_min, c) for c in caps]
-        needed = sum(config.rank_cost(r) for r in r_min)
+        needed = sum(config.rank_cost(r, *shapes[n]) for n, r in zip(names, r_min))
         if needed > budget:
             raise ValueError(
                 f"The budget of {budget:,} trainable parameters cannot give every one of the {len(names)} modules its "
                 f"r_min={config.r_min} (that needs {needed:,}). Lower r_min, target fewer modules, or raise the budget."
             )
-        step_costs = [[config.step_cost(i) for i in range(c)] for c in caps]
+        step_costs = [[config.step_cost(i, *shapes[n]) for i in range(c)] for n, c in zip(names, caps)]
         alloc = greedy_allocate(scores, step_costs, budget, r_min=r_min, r_max=caps)
         ranks = dict(zip(names, alloc))
         result = BasisAllocation(config.rank_allocation, ranks, budget=budget,
                                  shapes={n: shapes[n] for n in names})
         for n, order, r in zip(names, orders, alloc):
             result.selected[n] = order[:r]
-            result.scores[n] = (energy[n] if config.rank_allocation == "eigen" else _fisher_scores(stats, n)).float()
-        result.spent = sum(config.rank_cost(r) for r in alloc)
+            result.scores[n] = (energy[n] if config.rank_allocation == "eigen" else _fisher_scores(stats, n, config)).float()
+        result.spent = sum(config.rank_cost(r, *shapes[n]) for n, r in zip(names, alloc))
         return result
     method = "explicit" if config.rank_pattern else "uniform"
     result = BasisAllocation(method, ranks, shapes={n: shapes[n] for n in names})
     for n in names:
-        if config.rank_allocation == "fisher" and stats is not None and fisher_key(n) in stats.extra:
-            f = _fisher_scores(stats, n)
+        if config.rank_allocation == "fisher" and stats is not None and fisher_key(n, _fisher_key(config)) in stats.extra:
+            f = _fisher_scores(stats, n, config)
             result.selected[n] = torch.argsort(f, descending=True, stable=True)[: ranks[n]]
             result.scores[n] = f.float()
         else:
             result.selected[n] = torch.arange(ranks[n])
             result.scores[n] = energy[n].float()
-    result.spent = result.budget = sum(config.rank_cost(r) for r in ranks.values())
+    result.spent = result.budget = sum(config.rank_cost(r, *shapes[n]) for n, r in ranks.items())
     return result
 
 
@@ -216,7 +221,7 @@ def basis_allocation(model: nn.Module, config: BasisConfig, statistics=None) -> 
         warn_no_calibration("BasisConfig")
     depth = _score_depth(config, shapes)
     if config.rank_allocation == "fisher" and not config.rank_pattern:
-        depth = {n: max(depth[n], len(_fisher_scores(stats, n))) for n in names}
+        depth = {n: max(depth[n], len(_fisher_scores(stats, n, config))) for n in names}
     bases = module_bases(model, names, stats, config.damping, depth)
     return _allocate(config, names, shapes, bases, stats)
 
@@ -264,8 +269,17 @@ class BasisModel(BasisTunerBase):
         modules = dict(model.named_modules())
         shapes = {n: in_out_features(_base(modules[n])) for n in names}
         bases = module_bases(model, names, stats, config.damping, _score_depth(config, shapes))
-        collect_fisher(model, {n: (b.U, b.R) for n, b in bases.items()}, dataloader, max_batches=max_batches,
-                       progress=progress, stats=stats)
+        if config.trainable in ("core", "diagonal"):
+            collect_fisher(model, {n: (b.U, b.R) for n, b in bases.items()}, dataloader, max_batches=max_batches,
+                           progress=progress, stats=stats)
+        else:  # a whole trainable column (output) / row (input) per direction: sum the Fisher over the free side
+            side = 0 if config.trainable == "output" else 1
+            dirs = {n: (None, b.R) if side == 0 else (b.U, None) for n, b in bases.items()}
+            key = _fisher_key(config)
+            scores = collect_fisher(model, dirs, dataloader, mode="full", max_batches=max_batches,
+                                    progress=progress, stats=stats, key=key)
+            for n, f in scores.items():
+                stats.extra[fisher_key(n, key)] = f.sum(side)
         stats.meta["fisher_max_rank"] = config.max_rank
 
     # ---- building ------------------------------------------------------------------------------------
@@ -305,15 +319,15 @@ class BasisModel(BasisTunerBase):
                     self._pending[n] = self._spec(modules[n], torch.zeros(d_out, r), torch.zeros(r, d_in), config)
             self.allocations[adapter_name] = BasisAllocation("loaded", dict(config.rank_pattern), shapes=shapes,
                                                              budget=config.budget or 0,
-                                                             spent=sum(config.rank_cost(r) for r in config.rank_pattern.values()))
+                                                             spent=sum(config.rank_cost(r, *shapes[n]) for n, r in config.rank_pattern.items()))
             return
         if stats is None:
             if config.rank_allocation == "fisher":
-                _fisher_scores(None, names[0])
+                _fisher_scores(None, names[0], config)
             warn_no_calibration("BasisConfig")
         depth = _score_depth(config, shapes)
         if config.rank_allocation == "fisher" and stats is not None:
-            depth = {n: max(depth[n], len(_fisher_scores(stats, n))) for n in names}
+            depth = {n: max(depth[n], len(_fisher_scores(stats, n, config))) for n in names}
         bases = module_bases(model, names, stats, config.damping, depth)
         alloc = _allocate(config, names, shapes, bases, stats)
         for n in names:
@@ -330,8 +344,11 @@ class BasisModel(BasisTunerBase):
     def _spec(module: nn.Module, U: torch.Tensor, R: torch.Tensor, config: BasisConfig) -> dict:
         dtype = _base(module).weight.dtype
         r = R.shape[0]
-        core = torch.zeros((r, r) if config.trainable == "core" else (r,), dtype=dtype)
-        return {"U": U.to(dtype).contiguous(), "R": R.to(dtype).contiguous(), "core": core}
+        d_out, d_in = U.shape[0], R.shape[1]
+        shape = {"output": (d_out, r), "input": (r, d_in), "core": (r, r), "diagonal": (r,)}[config.trainable]
+        return {"U": None if config.trainable == "output" else U.to(dtype).contiguous(),
+                "R": None if config.trainable == "input" else R.to(dtype).contiguous(),
+                "core": torch.zeros(shape, dtype=dtype)}
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         spec = self._pending.pop(current_key, None)
@@ -366,7 +383,8 @@ class BasisModel(BasisTunerBase):
 
     def stored_parameters(self, adapter_name: str = "default") -> int:
         """Everything the adapter file holds: cores plus the frozen ``U``, ``R``."""
-        return sum(m.basis_core[adapter_name].numel() + m.basis_U[adapter_name].numel() + m.basis_R[adapter_name].numel()
+        return sum(m.basis_core[adapter_name].numel()
+                   + sum(store[adapter_name].numel() for store in (m.basis_U, m.basis_R) if adapter_name in store)
                    for m in self.basis_layers(adapter_name).values())
 
 
