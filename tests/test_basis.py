@@ -253,7 +253,7 @@ def test_fisher_without_backward_statistics_says_how_to_get_them(tmp_path):
 
 @pytest.mark.parametrize("kw, match", [
     ({"r": 0}, "r must be"), ({"rank_allocation": "pca"}, "rank_allocation must be"),
-    ({"trainable": "full"}, "trainable must be"), ({"r_min": -1}, "r_min must be"), ({"r_max": 0}, "r_max must be"),
+    ({"trainable": "full"}, "trainable must be"), ({"r_min": -1}, "r_min must be"), ({"r_max": 0}, "r_max must be"), ({"alpha": 0}, "alpha must be"),
 ])
 def test_bad_settings_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -278,6 +278,7 @@ def test_starts_exact_trains_inside_the_subspace_and_merges(arch, trainable):
         delta = m.delta_weight("default").double()
         scale = delta.abs().max().clamp_min(1e-12)
         assert ("default" in m.basis_U) == (trainable != "output") and ("default" in m.basis_R) == (trainable != "input")
+        assert m.basis_scaling["default"] == (16 / m.rank("default") if trainable in ("output", "input") else 1.0)
         if trainable != "output":  # columns of Delta W inside span(U)
             U = m.basis_U["default"].double()
             assert (delta - U @ (U.T @ delta)).abs().max() < 1e-5 * scale

@@ -15,7 +15,8 @@ class BasisLayer(nn.Module, BaseTunerLayer):
     (``d_out x r``: orthonormal output directions) are frozen; ``basis_core`` is the only trainable tensor
     and starts at zero. Its shape is the trainable shape: ``d_out x r`` (``"output"``: ``Delta W = M R``, no
     ``U`` stored), ``r x d_in`` (``"input"``: ``Delta W = U M``, no ``R`` stored), ``r x r`` (``"core"``) or
-    ``r`` (``"diagonal"``, ``U diag(M) R``). A missing ``U`` or ``R`` acts as the identity. The base layer is
+    ``r`` (``"diagonal"``, ``U diag(M) R``). A missing ``U`` or ``R`` acts as the identity. The ``"output"``
+    and ``"input"`` shapes scale the update by ``alpha / r`` (``basis_scaling``). The base layer is
     never modified except while merged (``W + Delta W``, undone exactly by ``unmerge`` up to float rounding).
     """
 
@@ -28,12 +29,14 @@ class BasisLayer(nn.Module, BaseTunerLayer):
         self.basis_core = nn.ParameterDict({})
         self.basis_U = nn.ParameterDict({})
         self.basis_R = nn.ParameterDict({})
+        self.basis_scaling: dict[str, float] = {}  # alpha / r for the "output"/"input" shapes, else 1
         self._disable_adapters = False
         self.merged_adapters = []
         self.in_features, self.out_features = in_out_features(base_layer)
 
     def update_layer(self, adapter_name: str, U: torch.Tensor | None, R: torch.Tensor | None,
-                     core: torch.Tensor) -> None:
+                     core: torch.Tensor, scaling: float = 1.0) -> None:
+        self.basis_scaling[adapter_name] = float(scaling)
         for store, value in ((self.basis_U, U), (self.basis_R, R)):
             if value is not None:
                 store[adapter_name] = nn.Parameter(value, requires_grad=False)
@@ -59,7 +62,7 @@ class BasisLayer(nn.Module, BaseTunerLayer):
             delta = self.basis_U[adapter_name] @ delta.to(self.basis_U[adapter_name].dtype)
         if adapter_name in self.basis_R:
             delta = delta.to(self.basis_R[adapter_name].dtype) @ self.basis_R[adapter_name]
-        return delta
+        return delta * self.basis_scaling.get(adapter_name, 1.0)
 
     # ---- merge ---------------------------------------------------------------------------------------
     def _apply_delta(self, adapter_name: str, sign: float, safe_merge: bool = False) -> None:
@@ -107,6 +110,9 @@ class BasisLayer(nn.Module, BaseTunerLayer):
             h = h * core if core.dim() == 1 else nn.functional.linear(h, core)
             if name in self.basis_U:
                 h = nn.functional.linear(h, self.basis_U[name])
+            scaling = self.basis_scaling.get(name, 1.0)
+            if scaling != 1.0:
+                h = h * scaling
             result = result + h.to(result.dtype)
         return result
 

@@ -348,7 +348,8 @@ class BasisModel(BasisTunerBase):
         shape = {"output": (d_out, r), "input": (r, d_in), "core": (r, r), "diagonal": (r,)}[config.trainable]
         return {"U": None if config.trainable == "output" else U.to(dtype).contiguous(),
                 "R": None if config.trainable == "input" else R.to(dtype).contiguous(),
-                "core": torch.zeros(shape, dtype=dtype)}
+                "core": torch.zeros(shape, dtype=dtype),
+                "scaling": config.alpha / r if config.trainable in ("output", "input") else 1.0}
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         spec = self._pending.pop(current_key, None)
