@@ -283,6 +283,35 @@ def _fmt_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: dict, path: str, extra: dict | None = None) -> None:
+    """Perplexity against the fraction removed, one line per method (log scale), as a PNG for docs/.
+    ``extra``: more lines, label -> {ratio: perplexity} (e.g. the compressed-inputs benchmark)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines = {}
+    for r in result["quality"]:
+        if r["method"].startswith("plain SVD"):
+            continue  # millions: it would flatten every other line
+        lines.setdefault(r["method"], {})[r["ratio"]] = r["perplexity"]
+    lines.update(extra or {})
+    for label, pts in lines.items():
+        xs = sorted(pts)
+        ax.plot([100 * x for x in xs], [pts[x] for x in xs], marker="o", label=label)
+    ax.axhline(result["dense_perplexity"], color="gray", linestyle="--", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("targeted parameters removed (%)")
+    ax.set_ylabel("held-apart perplexity (Britannica)")
+    ax.set_title(f"Basis Sharing on {result['model']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -293,6 +322,7 @@ def main(argv=None):
     p.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
     p.add_argument("--methods", default=None, help="comma-separated indices into METHODS")
     p.add_argument("--skip-cost", action="store_true")
+    p.add_argument("--plot-only", action="store_true", help="redraw docs/img/shared_basis_quality.png from the results")
     p.add_argument("--update", action="store_true",
                    help="merge into the existing results: replace the rows of the methods run, keep the others")
     p.add_argument("--output", default=os.path.join(RESULTS, "shared_basis"))
@@ -302,6 +332,9 @@ def main(argv=None):
     p.add_argument("--_prepare", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
+    if args.plot_only:
+        _plot_from_files(args.output)
+        return
     if args._quality is not None:
         print(json.dumps(run_quality(args._quality, ratios, args._stats, args)))
         return
@@ -357,6 +390,19 @@ def main(argv=None):
     atomic_write(args.output + ".md", write_text(
         f"# Basis Sharing on {result['model']}\n\nWritten by `benchmarks/shared_basis.py`.\n\n" + table))
     print(table)
+    _plot_from_files(args.output)
+
+
+def _plot_from_files(output: str) -> None:
+    with open(output + ".json") as f:
+        result = json.load(f)
+    extra = {}
+    seq = os.path.join(RESULTS, "sequential_inputs.json")
+    if os.path.exists(seq):  # same tokens (benchmarks/sequential_inputs.py follows this protocol)
+        with open(seq) as f:
+            rows = json.load(f)["rows"]
+        extra["per layer, compressed inputs (sequential)"] = {r["ratio"]: r["compressed"]["ppl"] for r in rows}
+    plot(result, os.path.join(HERE, "..", "docs", "img", "shared_basis_quality.png"), extra)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """``peft-basis``: compress the real default model and show before/after quality, size and speed.
 
     peft-basis                       # Basis Sharing, 20% removed, SmolLM2-135M, real text
-    peft-basis --ratio 0.3 --group-size auto --output out/sb30
-    peft-basis --sequential                          # one decoder layer in memory at a time (large models)
+    peft-basis --ratio 0.3 --group-size 2 --output out/sb30
+    peft-basis --sequential --compressed-inputs      # one decoder layer in memory at a time (large models)
     peft-basis --model path/to/hf-model --eval-domain pydoc
 """
 
@@ -23,7 +23,9 @@ def _mb(n_bytes: int) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peft-basis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of the targeted parameters REMOVED (default 0.2)")
-    p.add_argument("--group-size", default="2", help="layers per shared basis, or 'auto' (default 2)")
+    p.add_argument("--group-size", default=None,
+                   help="layers per shared basis, or 'auto' (default: 'auto', chosen per matrix type by the model's "
+                        "loss; 1 with --sequential)")
     p.add_argument("--rank-allocation", default="uniform", choices=["uniform", "global"])
     p.add_argument("--calib-domain", default="britannica", help="text domain to calibrate on (peft_basis.data)")
     p.add_argument("--eval-domain", default="britannica", help="text domain to evaluate on (held-apart blocks)")
@@ -62,6 +64,8 @@ def run(argv: list[str] | None = None) -> dict:
 
     if args.sequential and args.layers is not None:
         raise SystemExit("--sequential compresses the checkpoint as stored; drop --layers (or run without --sequential).")
+    if args.group_size is None:
+        args.group_size = "1" if args.sequential else "auto"
     if args.compressed_inputs and not args.sequential:
         raise SystemExit("--compressed-inputs needs --sequential (layers are compressed one after another).")
     if args.sequential and args.group_size == "auto":

@@ -7,6 +7,8 @@ run in float64 (the Grams of real models span many orders of magnitude) and retu
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -18,6 +20,26 @@ import torch
 # no calibration energy, so truncation drops them anyway. SVD-LLM's fixed "add eps*I and retry"
 # fails on exactly the Grams users hit (SVD-LLM issues #6, #7, #24, #52); eigh never does.
 DEFAULT_DAMPING = 1e-6
+
+
+@contextlib.contextmanager
+def decomposition_threads():
+    """Run CPU eigendecompositions/SVDs on ``PEFT_BASIS_DECOMPOSITION_THREADS`` threads (default 1).
+
+    Why: MKL's multi-threaded ``eigh``/``svd`` scale poorly at the sizes we decompose (a few thousand
+    rows) and collapse when anything else uses the cores. Measured on 2 cores with a second process
+    busy, a 1536 x 1536 float64 ``eigh`` took 0.48 s on 1 thread and 5.6-15 s on 2 (the forward
+    passes around it keep their threads: matmuls do scale)."""
+    n = int(os.environ.get("PEFT_BASIS_DECOMPOSITION_THREADS", "1"))
+    before = torch.get_num_threads()
+    if n <= 0 or n >= before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class CalibrationError(ValueError):
@@ -64,10 +86,12 @@ def robust_eigh(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str 
             "yields non-empty `input_ids` and that the module is used in the forward pass."
         )
     try:
-        lam, q = torch.linalg.eigh(g)
+        with decomposition_threads():
+            lam, q = torch.linalg.eigh(g)
     except RuntimeError:  # LAPACK did not converge: a tiny relative shift always cures it
         shift = 1e-10 * g.diagonal().abs().mean()
-        lam, q = torch.linalg.eigh(g + shift * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
+        with decomposition_threads():
+            lam, q = torch.linalg.eigh(g + shift * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
     floor = damping * lam.clamp_min(0).mean()
     clamped = int((lam < floor).sum())
     return Whitener(lam.clamp_min(floor), q, clamped)
@@ -75,7 +99,8 @@ def robust_eigh(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str 
 
 def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` SVD ``U S Vh`` in float64."""
-    u, s, vh = torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
+    with decomposition_threads():
+        u, s, vh = torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
     return u[:, :rank], s[:rank], vh[:rank]
 
 
@@ -106,7 +131,8 @@ def whitened_svd(weights: list[torch.Tensor], whitener: Whitener | None, rank: i
     if not 0 < rank <= max_rank:
         raise ValueError(f"rank {rank} is outside [1, {max_rank}] for a stacked weight of shape {tuple(stacked.shape)}")
     target = stacked if whitener is None else stacked @ whitener.matrix.T
-    u, s, vh = torch.linalg.svd(target, full_matrices=False)
+    with decomposition_threads():
+        u, s, vh = torch.linalg.svd(target, full_matrices=False)
     basis = vh[:rank] if whitener is None else vh[:rank] @ whitener.inverse.T
     left = u[:, :rank] * s[:rank]
     coefficients = list(torch.split(left, [w.shape[0] for w in weights], dim=0))

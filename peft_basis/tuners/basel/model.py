@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...budget import greedy_allocate
-from ...linalg import robust_eigh
+from ...linalg import decomposition_threads, robust_eigh
 from ...modules import in_out_features, linear_weight
 from ..base import BasisTunerBase, warn_no_calibration
 from .config import BaselConfig
@@ -97,10 +97,12 @@ class BaselModel(BasisTunerBase):
                 if key not in whiteners:
                     whiteners[key] = robust_eigh(stats.grams[key], config.damping, name=n)
                 wh = whiteners[key]
-                u, s, vh = torch.linalg.svd(weight @ wh.matrix.T, full_matrices=False)
+                with decomposition_threads():
+                    u, s, vh = torch.linalg.svd(weight @ wh.matrix.T, full_matrices=False)
                 vh = vh @ wh.inverse.T
             else:
-                u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+                with decomposition_threads():
+                    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
             # The paper's rule drops numerically-zero directions of W itself. Applied to the whitened spectrum it
             # would also drop directions the calibration text happens not to excite, and change the model; so the
             # whitened init keeps every direction (the first pruning event removes the weak ones) and the rule is

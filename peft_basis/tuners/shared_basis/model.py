@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...budget import greedy_allocate, rank_for_ratio
-from ...linalg import DEFAULT_DAMPING, check_finite_gram, robust_eigh
+from ...linalg import DEFAULT_DAMPING, check_finite_gram, decomposition_threads, robust_eigh
 from ...modules import in_out_features, layer_index, linear_weight, module_type
 from ..base import BasisTunerBase, warn_no_calibration
 from ..factorized import dense_is_dropped, drop_dense_weight, factorized_forward
@@ -133,7 +133,8 @@ def _damped_gram(gram: torch.Tensor, damping: float, name: str) -> torch.Tensor:
 def _input_factor(gram64: torch.Tensor, damping: float, name: str) -> torch.Tensor:
     """``L`` with ``L L^T = G`` (damped): Cholesky, or the robust eigendecomposition where Cholesky fails
     (fp32 accumulation can leave eigenvalues below the damping floor negative)."""
-    chol, info = torch.linalg.cholesky_ex(gram64)
+    with decomposition_threads():
+        chol, info = torch.linalg.cholesky_ex(gram64)
     if int(info) == 0:
         return chol
     w = robust_eigh(gram64, damping, name=name)
@@ -159,7 +160,8 @@ def group_spectrum(weights: list[torch.Tensor], gram: torch.Tensor | None, dampi
     float64), from ``eigvalsh`` alone."""
     stacked = torch.cat([w.detach().to(torch.float64) for w in weights], dim=0)
     _, mat, _ = _small_side(stacked, gram, damping, name)
-    return torch.linalg.eigvalsh(mat).flip(0).clamp_min(0)
+    with decomposition_threads():
+        return torch.linalg.eigvalsh(mat).flip(0).clamp_min(0)
 
 
 def factorize_group(weights: list[torch.Tensor], gram: torch.Tensor | None, rank: int,
@@ -173,7 +175,8 @@ def factorize_group(weights: list[torch.Tensor], gram: torch.Tensor | None, rank
     if not 0 < rank <= max_rank:
         raise ValueError(f"rank {rank} is outside [1, {max_rank}] for a stacked weight of shape {tuple(stacked.shape)}")
     side, mat, t = _small_side(stacked, gram, damping, name)
-    lam, vec = torch.linalg.eigh(mat)  # reads one triangle: no symmetrising needed
+    with decomposition_threads():
+        lam, vec = torch.linalg.eigh(mat)  # reads one triangle: no symmetrising needed
     lam, vec = lam.flip(0).clamp_min(0), vec.flip(1)
     if side == "out":
         u = vec[:, :rank]
