@@ -7,7 +7,8 @@ text (BASIS covariances and Fisher scores, EVA's and CorDA's statistics): ``--ca
 then validation blocks (learning-rate choice), then test blocks (the reported loss), never overlapping.
 
 1. Equal trainable parameters: every method at LoRA r=8's count (BASIS: budget = that count; uniform: the
-   largest r with ``7 L r^2`` below it). For each method the learning rate is chosen from ``--lrs`` by
+   largest r whose cost fits it). Methods ``basis-<allocation>[-<trainable>]``: the trainable shape
+   defaults to BasisConfig's (``"output"``); ``basis-eigen-core`` etc. measure the others. For each method the learning rate is chosen from ``--lrs`` by
    validation loss after ``--steps`` AdamW steps (same batches, same order, same seed for all).
 2. Size to reach LoRA r=8's test loss: each method at smaller and larger sizes (its chosen learning rate),
    the trainable parameters interpolated in log scale where its curve crosses LoRA r=8's loss.
@@ -17,6 +18,8 @@ then validation blocks (learning-rate choice), then test blocks (the reported lo
 
     python benchmarks/basis.py                 # ~25 min on one thread
     python benchmarks/basis.py --quick         # smoke run (2 layers, 3 steps, one LR)
+    python benchmarks/basis.py --update --methods basis-eigen   # rerun some methods, keep the others' runs
+    python benchmarks/basis.py --timing        # re-measure s/step and init time, each method alone
 
 Writes benchmarks/results/basis.json and benchmarks/results/basis.md after every run.
 """
@@ -59,6 +62,8 @@ def parse():
                    help="only re-measure s/step and init time of every method at equal parameters (quiet machine), "
                         "into the existing results file")
     p.add_argument("--timing-steps", type=int, default=12)
+    p.add_argument("--update", action="store_true",
+                   help="keep the other methods' runs from the existing results file; rerun only --methods")
     p.add_argument("--out", default=os.path.join(HERE, "results", "basis"))
     a = p.parse_args()
     if a.quick:
@@ -117,11 +122,16 @@ def build(method, size, model, calib, args):
 
         preprocess_corda(model, config, run_model=run_model)
         return get_peft_model(model, config)
-    allocation = method.split("-", 1)[1]
-    n_modules = sum(1 for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in TARGETS)
-    r = max(1, int(math.isqrt(int(size) // n_modules)))
+    parts = method.split("-")  # basis-<allocation>[-<trainable>]
+    allocation, trainable = parts[1], (parts[2] if len(parts) > 2 else BasisConfig.trainable)
+    config = BasisConfig(r=1, rank_allocation=allocation, trainable=trainable, target_modules=TARGETS)
+    shapes = [(m.in_features, m.out_features) for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in TARGETS]
+    r = 1  # uniform: the largest r whose cost fits the budget; it also sets r_max = 4 r for the others
+    while sum(config.rank_cost(r + 1, *s) for s in shapes) <= size:
+        r += 1
     kw = {} if allocation == "uniform" else {"budget": int(size)}
-    config = BasisConfig(r=r, rank_allocation=allocation, target_modules=TARGETS, **kw)
+    config = BasisConfig(r=r, rank_allocation=allocation, trainable=trainable, target_modules=TARGETS, **kw)
     peft_basis.calibrate(model, config, batches, progress=False)
     return get_peft_model(model, config)
 
@@ -198,6 +208,9 @@ def write(results, args):
              "## Equal trainable parameters (LoRA r=8's count)", "",
              "| method | trainable | best lr | val loss | test loss | s/step | init s |", "|---|---|---|---|---|---|---|"]
     best = results.get("best", {})
+    order = [m for m in METHODS if m in best] + [m for m in best if m not in METHODS]  # other shapes last
+    best = {m: best[m] for m in order}
+    runs = sorted(runs, key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
     for m, r in best.items():
         lines.append(f"| {m} | {r['trainable']:,} | {r['lr']:g} | {r['val_loss']:.4f} | {r['test_loss']:.4f} | "
                      f"{r['step_s']:.3f} | {r['init_s']:.1f} |")
@@ -275,6 +288,11 @@ def main():
     ref = lora_params(base, 8)
     results = {"args": vars(args), "lora_r8_params": ref, "base_test_loss": mean_loss(base, data["test"]), "runs": [],
                "best": {}}
+    if args.update and os.path.exists(args.out + ".json"):
+        with open(args.out + ".json") as f:
+            old = json.load(f)
+        results["runs"] = [r for r in old["runs"] if r["method"] not in args.methods]
+        results["best"] = {m: r for m, r in old["best"].items() if m not in args.methods}
     log(f"base test loss {results['base_test_loss']:.4f}; LoRA r=8 trainable {ref:,}")
 
     def size_for(method, mult):
