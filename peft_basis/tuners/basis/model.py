@@ -24,7 +24,7 @@ from torch import nn
 
 from ...budget import greedy_allocate
 from ...calibration.fisher import collect_fisher, fisher_key
-from ...linalg import CalibrationError, robust_eigh, warn_if_rank_deficient
+from ...linalg import CalibrationError, decomposition_threads, robust_eigh, warn_if_rank_deficient
 from ...modules import find_linear_names, in_out_features, is_linear, layer_index, linear_weight, module_type
 from ..base import BasisTunerBase, _with_targets, warn_no_calibration
 from .config import BasisConfig
@@ -65,10 +65,12 @@ def module_bases(model: nn.Module, names: list[str], stats, damping: float, k: d
                 whiteners[key] = robust_eigh(stats.covariance(n), damping, name=n)
                 warn_if_rank_deficient(whiteners[key], n, stats.num_tokens(n))
             wh = whiteners[key]
-            u, s, vh = torch.linalg.svd(w @ wh.matrix.T, full_matrices=False)
+            with decomposition_threads():
+                u, s, vh = torch.linalg.svd(w @ wh.matrix.T, full_matrices=False)
             r = vh[:kn] @ wh.inverse.T
         else:
-            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            with decomposition_threads():
+                u, s, vh = torch.linalg.svd(w, full_matrices=False)
             r = vh[:kn]
         u = u[:, :kn]
         sign = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))[0]
