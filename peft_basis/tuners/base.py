@@ -143,6 +143,15 @@ class BasisTunerBase(BaseTuner):
             )
         return names
 
+    def _replace_module(self, parent, child_name, new_module, child):
+        """Put the tuner layer in place, on the device of the module it wraps."""
+        setattr(parent, child_name, new_module)
+        if any(p.device.type == "meta" for p in new_module.parameters()):
+            return  # low_cpu_mem_usage loading: the checkpoint's tensors are assigned in place later
+        device = next((p.device for p in child.parameters() if p.device.type != "meta"), None)
+        if device is not None:
+            new_module.to(device)
+
     def _check_new_adapter_config(self, config) -> None:
         super()._check_new_adapter_config(config)
 

@@ -155,14 +155,6 @@ class BaselModel(BasisTunerBase):
         layer.update_layer(adapter_name, **spec)
         self._replace_module(parent, target_name, layer, target)
 
-    def _replace_module(self, parent, child_name, new_module, child):
-        setattr(parent, child_name, new_module)
-        if any(p.device.type == "meta" for p in new_module.parameters()):
-            return  # low_cpu_mem_usage loading: the checkpoint's tensors are assigned in place later
-        device = next((p.device for p in child.parameters() if p.device.type != "meta"), None)
-        if device is not None:
-            new_module.to(device)
-
     def _post_injection_hook(self, model, config, adapter_name) -> None:
         self._pending = {}
 

@@ -560,15 +560,6 @@ class SharedBasisModel(BasisTunerBase):
         layer.update_layer(adapter_name, self.sb_bases[adapter_name], group, self._pending.pop(current_key))
         self._replace_module(parent, target_name, layer, target)
 
-    def _replace_module(self, parent, child_name, new_module, child):
-        setattr(parent, child_name, new_module)
-        if not hasattr(new_module, "base_layer"):
-            return
-        device = next((p.device for p in child.parameters() if p.device.type != "meta"), None)
-        # low_cpu_mem_usage: new parameters sit on meta until the checkpoint is assigned; leave them there
-        if device is not None and not any(p.device.type == "meta" for p in new_module.parameters()):
-            new_module.to(device)
-
     def _post_injection_hook(self, model, config, adapter_name) -> None:
         self._pending = {}
         device = next((p.device for p in model.parameters() if p.device.type != "meta"), None)
