@@ -147,3 +147,15 @@ def test_greedy_allocate_respects_budget_and_bounds():
     with pytest.raises(ValueError, match="minimum rank"):
         greedy_allocate(scores, [10, 10], budget=15, r_min=1)
     assert greedy_allocate(scores, [10, 10], budget=1000, r_max=2) == [2, 2]
+
+
+@pytest.mark.parametrize("make_config", [lambda: peft_basis.BaselConfig(keep_ratio=0.5),
+                                         lambda: peft_basis.BasisConfig(r=2)], ids=["basel", "basis"])
+def test_loading_an_adapter_onto_another_model_names_the_missing_targets(make_config, tmp_path):
+    from peft import PeftModel, get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no calibration: data-free init warns
+        get_peft_model(tiny_llama(layers=2), make_config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"made for another model: \['model\.layers\.1\."):
+        PeftModel.from_pretrained(tiny_llama(layers=1), str(tmp_path))

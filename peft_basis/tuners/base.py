@@ -143,6 +143,16 @@ class BasisTunerBase(BaseTuner):
             )
         return names
 
+    @staticmethod
+    def check_rank_pattern_targets(method: str, rank_pattern: dict, targets) -> None:
+        """Loading: every module the saved ``rank_pattern`` names must be a target of this model."""
+        missing = [n for n in rank_pattern if n not in targets]
+        if missing:
+            raise ValueError(
+                f"This {method} adapter was made for another model: {missing[:3]} are not targets in this model. "
+                "Load it onto the base model it was created from."
+            )
+
     def _replace_module(self, parent, child_name, new_module, child):
         """Put the tuner layer in place, on the device of the module it wraps."""
         setattr(parent, child_name, new_module)

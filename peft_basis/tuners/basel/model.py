@@ -58,12 +58,7 @@ class BaselModel(BasisTunerBase):
             self.history: list[dict] = []
             self._events_done: dict[str, int] = {}
         if config.rank_pattern:  # loading: shapes from the config, values from the checkpoint; no SVD
-            missing = [n for n in config.rank_pattern if n not in shapes]
-            if missing:
-                raise ValueError(
-                    f"This Basel adapter was made for another model: {missing[:3]} are not in this model. Load it onto "
-                    "the base model it was created from."
-                )
+            self.check_rank_pattern_targets("Basel", config.rank_pattern, shapes)
             for n, r in config.rank_pattern.items():
                 d_in, d_out = shapes[n]
                 dtype = modules[n].weight.dtype

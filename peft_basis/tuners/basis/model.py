@@ -307,12 +307,7 @@ class BasisModel(BasisTunerBase):
         stats = config.calibration_statistics
         self._pending: dict[str, dict] = {}
         if config.rank_pattern and stats is None:  # loading: shapes from the config, values from the checkpoint
-            missing = [n for n in config.rank_pattern if n not in shapes]
-            if missing:
-                raise ValueError(
-                    f"This BASIS adapter was made for another model: {missing[:3]} are not targets in this model. "
-                    "Load it onto the base model it was created from."
-                )
+            self.check_rank_pattern_targets("BASIS", config.rank_pattern, shapes)
             for n, r in config.rank_pattern.items():
                 d_in, d_out = shapes[n]
                 if r > min(d_in, d_out):
