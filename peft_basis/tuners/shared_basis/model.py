@@ -95,6 +95,17 @@ def plan_groups(model_type: str | None, types: dict[str, list[str]], config: Sha
     return groups
 
 
+def group_gram(stats, members: list[str]) -> torch.Tensor:
+    """The input Gram of a group: its members' distinct inputs (q/k/v of one layer share one), summed once."""
+    keys = tuple(sorted({stats.sources[m] for m in members}))
+    return stats.grams[keys[0]] if len(keys) == 1 else sum(stats.grams[k] for k in keys)
+
+
+def normalised_spectrum(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """The relative calibration error each direction removes (the whitened spectrum summing to 1)."""
+    return eigenvalues / eigenvalues.sum().clamp_min(1e-300)
+
+
 # ---- the factorisation of one group ---------------------------------------------------------------
 @dataclass
 class GroupFactors:
@@ -374,13 +385,10 @@ class SharedBasisModel(BasisTunerBase):
                     f"(at least {4 * d} for this module).",
                     stacklevel=4,
                 )
-            return stats.grams[keys[0]] if len(keys) == 1 else sum(stats.grams[k] for k in keys)
+            return group_gram(stats, members)
 
         def own_gram(m: str) -> torch.Tensor | None:
             return None if stats is None else stats.gram(m)
-
-        def normalised(lam: torch.Tensor) -> torch.Tensor:
-            return lam / lam.sum().clamp_min(1e-300)  # relative error removed per direction
 
         def factorise(g: Group, rank: int, eval_ranks: list[int], f: GroupFactors | None = None):
             """Factors at ``rank`` and the absolute member errors at each of ``eval_ranks``
@@ -434,9 +442,10 @@ class SharedBasisModel(BasisTunerBase):
                     for g, cap in zip(plan, caps):
                         if config.rank_allocation == "uniform":  # ranks <= cap: factorise once, at the cap
                             pre[g.key] = factorize_group(weights(g), gram(g.members), cap, config.damping, g.members[0])
-                            spectra[g.key] = normalised(pre[g.key].eigenvalues)
+                            spectra[g.key] = normalised_spectrum(pre[g.key].eigenvalues)
                         elif g.key not in spectra:
-                            spectra[g.key] = normalised(group_spectrum(weights(g), gram(g.members), config.damping))
+                            lam = group_spectrum(weights(g), gram(g.members), config.damping)
+                            spectra[g.key] = normalised_spectrum(lam)
                     plan_ranks = self._allocate(plan, config, lambda g: spectra[g.key])
                     total, found = 0.0, {}
                     for g, r, cap in zip(plan, plan_ranks, caps):
@@ -474,12 +483,12 @@ class SharedBasisModel(BasisTunerBase):
                     floor = self._floor(g, config)
                     f, errs, rf = factorise(g, cap, sorted({min(floor, cap), cap}))
                     factors[g.key], errors[g.key], refs[g.key] = f, errs, rf
-                    spectra[g.key] = normalised(f.eigenvalues)
+                    spectra[g.key] = normalised_spectrum(f.eigenvalues)
                     release(g)
                 ranks = self._allocate(groups, config, lambda g: spectra[g.key])
             else:
                 for g in tqdm(groups, desc="spectra", unit="group"):
-                    spectra[g.key] = normalised(group_spectrum(weights(g), gram(g.members), config.damping))
+                    spectra[g.key] = normalised_spectrum(group_spectrum(weights(g), gram(g.members), config.damping))
                 ranks = self._allocate(groups, config, lambda g: spectra[g.key])
                 for g, r in zip(tqdm(groups, desc="factorising", unit="group"), ranks):
                     factors[g.key], errors[g.key], refs[g.key] = factorise(g, r, [r])
