@@ -59,13 +59,15 @@ def run(argv: list[str] | None = None) -> dict:
     from peft import get_peft_model
 
     import peft_basis
-    from peft_basis.data import default_model_path, load_default_model, load_text, token_blocks
+    from peft_basis.data import default_model_path, load_model, load_text, token_blocks
     from peft_basis.evaluation import count_parameters, perplexity, size_on_disk, tokens_per_second
 
     if args.sequential and args.layers is not None:
         raise SystemExit("--sequential compresses the checkpoint as stored; drop --layers (or run without --sequential).")
     if args.group_size is None:
         args.group_size = "1" if args.sequential else "auto"
+    if args.sequential and args.statistics:
+        raise SystemExit("--statistics applies to the whole-model path; --sequential streams its own.")
     if args.compressed_inputs and not args.sequential:
         raise SystemExit("--compressed-inputs needs --sequential (layers are compressed one after another).")
     if args.sequential and args.group_size == "auto":
@@ -74,14 +76,7 @@ def run(argv: list[str] | None = None) -> dict:
     model_name = os.path.basename(os.path.normpath(model_path))
     print(f"peft-basis {peft_basis.__version__}: Basis Sharing on {model_name}, {args.ratio:.0%} of the "
           "targeted parameters removed" + (", layer by layer" if args.sequential else ""))
-    if args.model is None:
-        model, tok = load_default_model(num_hidden_layers=args.layers)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        kwargs = {} if args.layers is None else {"num_hidden_layers": args.layers}
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, **kwargs).eval()
-        tok = AutoTokenizer.from_pretrained(model_path)
+    model, tok = load_model(model_path, num_hidden_layers=args.layers)
     if args.calib_domain == args.eval_domain:
         blocks = token_blocks(tok, load_text(args.calib_domain), args.seq_len)
         need = args.calib_blocks + args.eval_blocks
@@ -106,8 +101,6 @@ def run(argv: list[str] | None = None) -> dict:
     batches = [calib[i : i + 4] for i in range(0, calib.shape[0], 4)]
     t0 = time.perf_counter()
     if args.sequential:
-        if args.statistics:
-            raise SystemExit("--statistics applies to the whole-model path; --sequential streams its own.")
         del model  # the point of --sequential: the dense model is never in memory with the factors
         peft_basis.compress_sequential(model_path, config, batches, args.output,
                                        inputs="compressed" if args.compressed_inputs else "dense")

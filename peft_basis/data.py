@@ -73,9 +73,13 @@ def default_model_path() -> str:
 def load_default_model(num_hidden_layers: int | None = None, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` for SmolLM2-135M-Instruct; ``num_hidden_layers`` keeps only the first
     layers (real weights, for fast tests)."""
+    return load_model(default_model_path(), num_hidden_layers, dtype)
+
+
+def load_model(path: str, num_hidden_layers: int | None = None, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` from a local Hugging Face causal LM folder, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = default_model_path()
     kwargs = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
