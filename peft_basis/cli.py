@@ -4,6 +4,9 @@
     peft-basis --ratio 0.3 --group-size 2 --output out/sb30
     peft-basis --sequential --compressed-inputs      # one decoder layer in memory at a time (large models)
     peft-basis --model path/to/hf-model --eval-domain pydoc
+
+    peft-basis calibrate --method basis --rank-allocation fisher --sequential --output stats.safetensors
+        # statistics for BASIS / Basel / Basis Sharing, saved for `peft_basis.use_statistics(config, path)`
 """
 
 from __future__ import annotations
@@ -48,8 +51,96 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The console entry point (returns the exit status; ``run`` returns the measurements)."""
-    run(argv)
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "calibrate":
+        run_calibrate(argv[1:])
+    else:
+        run(argv)
     return 0
+
+
+METHODS = {"basis": "BasisConfig", "basel": "BaselConfig", "shared_basis": "SharedBasisConfig"}
+
+
+def build_calibrate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="peft-basis calibrate",
+        description="Stream a method's calibration statistics over real text and save them (safetensors), for "
+                    "`peft_basis.use_statistics(config, path)` before `get_peft_model(model, config)`. With "
+                    "--sequential the model is never whole in memory: one decoder layer at a time is read from the "
+                    "checkpoint's safetensors shards (BASIS's Fisher scores included, by a backward sweep).")
+    p.add_argument("--method", choices=sorted(METHODS), default="basis")
+    p.add_argument("--r", type=int, default=16, help="BASIS: rank (the budget is what uniform r costs)")
+    p.add_argument("--rank-allocation", default=None,
+                   help="BASIS: uniform | eigen | fisher (default fisher); Basis Sharing: uniform | global")
+    p.add_argument("--trainable", default="output", help="BASIS: output | input | core | diagonal")
+    p.add_argument("--model", default=None, help="a local Hugging Face causal LM folder (default: SmolLM2-135M)")
+    p.add_argument("--domain", default="britannica", help="text domain to calibrate on (peft_basis.data)")
+    p.add_argument("--blocks", type=int, default=16, help="calibration blocks of --seq-len tokens")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--sequential", action="store_true", help="one decoder layer in memory at a time")
+    p.add_argument("--output", default="out/statistics.safetensors")
+    p.add_argument("--threads", type=int, default=None)
+    return p
+
+
+def _method_config(args):
+    import peft_basis
+
+    if args.method == "basis":
+        allocation = args.rank_allocation or "fisher"
+        return peft_basis.BasisConfig(r=args.r, rank_allocation=allocation, trainable=args.trainable)
+    if args.method == "basel":
+        return peft_basis.BaselConfig(init="whitened")
+    return peft_basis.SharedBasisConfig(group_size=1 if args.sequential else 2,
+                                        rank_allocation=args.rank_allocation or "uniform")
+
+
+def run_calibrate(argv: list[str] | None = None) -> dict:
+    """``peft-basis calibrate``: statistics for any method, whole-model or layer by layer, saved to a file."""
+    args = build_calibrate_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    import peft_basis
+    from peft_basis.calibration.sequential import calibrate_sequential
+    from peft_basis.data import default_model_path, load_model, load_text, token_blocks
+    from peft_basis.evaluation import peak_rss_bytes
+
+    try:
+        config = _method_config(args)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"{METHODS[args.method]}: {e}") from None
+    model_path = args.model or default_model_path()
+    tok = AutoTokenizer.from_pretrained(model_path)
+    blocks = token_blocks(tok, load_text(args.domain), args.seq_len, args.blocks)
+    batches = [blocks[i : i + args.batch_size] for i in range(0, blocks.shape[0], args.batch_size)]
+    fisher = getattr(config, "rank_allocation", None) == "fisher"
+    how = "layer by layer" if args.sequential else "whole model"
+    print(f"peft-basis {peft_basis.__version__}: {METHODS[args.method]} statistics of "
+          f"{os.path.basename(os.path.normpath(model_path))} on {blocks.numel():,} tokens of {args.domain}, {how}"
+          + (" (input Grams + Fisher scores)" if fisher else " (input Grams)"))
+    t0 = time.perf_counter()
+    if args.sequential:
+        stats = calibrate_sequential(model_path, config, batches, save_to=args.output)
+    else:
+        model, _ = load_model(model_path)
+        stats = peft_basis.calibrate(model, config, batches, save_to=args.output)
+    seconds = time.perf_counter() - t0
+    n_fisher = sum(k.startswith("fisher") for k in stats.extra)
+    result = {"method": args.method, "sequential": args.sequential, "seconds": seconds,
+              "peak_rss_bytes": peak_rss_bytes(), "modules": len(stats.sources), "grams": len(stats.grams),
+              "fisher_modules": n_fisher, "tokens": blocks.numel(), "output": args.output}
+    print(f"{len(stats.sources)} modules, {len(stats.grams)} distinct inputs (Grams)"
+          + (f", Fisher scores for {n_fisher} modules" if n_fisher else "")
+          + f"; {seconds:.1f} s, peak memory {_mb(result['peak_rss_bytes'])}")
+    print(f"saved to {args.output}; use with:\n  config = peft_basis.{METHODS[args.method]}(...)  # as above\n"
+          f"  peft_basis.use_statistics(config, {args.output!r}); peft_model = get_peft_model(model, config)")
+    return result
 
 
 def run(argv: list[str] | None = None) -> dict:

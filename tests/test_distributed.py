@@ -1,5 +1,6 @@
 """Distributed calibration: two CPU processes (gloo) on two halves of the data give what one process gives
-on all of it, through the real engine (`calibrate`) and the layer-sequential pipeline (`compress_sequential`)."""
+on all of it, through the real engine (`calibrate`, Grams and Fisher scores) and the layer-sequential
+pipeline (`compress_sequential`, and `calibrate_sequential` with its layer-by-layer Fisher)."""
 
 import json
 import os
@@ -12,7 +13,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from peft_basis.calibration import CalibrationStatistics, calibrate
-from peft_basis.calibration.sequential import compress_sequential
+from peft_basis.calibration.sequential import calibrate_sequential, compress_sequential
+from peft_basis.tuners.basis import BasisConfig
 from peft_basis.tuners.shared_basis import SharedBasisConfig
 
 from .models import tiny_llama, token_batches
@@ -30,6 +32,10 @@ def _shard(batches, rank, world):
     return batches[rank::world]  # what a DistributedSampler does: every rank a disjoint part
 
 
+def _fisher_config():
+    return BasisConfig(r=2, rank_allocation="fisher")
+
+
 def _worker(rank, port, checkpoint, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
@@ -39,6 +45,10 @@ def _worker(rank, port, checkpoint, out):
         stats.save(os.path.join(out, f"stats_rank{rank}.safetensors"))  # every rank: all-reduced, so all equal
         compress_sequential(checkpoint, SharedBasisConfig(compression_ratio=0.3), data, os.path.join(out, "seq"),
                             progress=False)
+        calibrate(tiny_llama(layers=2), _fisher_config(), data, progress=False).save(
+            os.path.join(out, f"fisher_rank{rank}.safetensors"))
+        calibrate_sequential(checkpoint, _fisher_config(), data, progress=False,
+                             save_to=os.path.join(out, f"seq_fisher_rank{rank}.safetensors"))
         with open(os.path.join(out, f"done_rank{rank}"), "w") as f:
             f.write(str(dist.get_world_size()))
     finally:
@@ -79,6 +89,18 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
             wa = a[key] @ a[f"base_model.sb_bases.{group}"]
             wb = b[key] @ b[f"base_model.sb_bases.{group}"]
             assert (wa - wb).abs().max() <= 1e-4 * wa.abs().max()
+
+
+    # Fisher scores: sums of squared per-sequence gradients and sequence counts all-reduce, on both pipelines
+    single_fisher = calibrate(tiny_llama(layers=2), _fisher_config(), token_batches(2), progress=False)
+    keys = [k for k in single_fisher.extra if k.startswith("fisher")]
+    assert len(keys) == 14
+    for name in ("fisher", "seq_fisher"):
+        for r in range(WORLD):
+            stats = CalibrationStatistics.load(str(out / f"{name}_rank{r}.safetensors"))
+            assert stats.meta["fisher_output_sequences"] == 8
+            for k in keys:
+                torch.testing.assert_close(stats.extra[k], single_fisher.extra[k], atol=1e-6, rtol=1e-4)
 
 
 def test_statistics_all_reduce_is_a_no_op_without_a_process_group():

@@ -283,3 +283,49 @@ def test_compressed_inputs_refuse_what_needs_later_layers(tmp_path):
     with pytest.raises(ValueError, match="rank_allocation='uniform'"):
         compress_sequential(path, SharedBasisConfig(group_size=1, rank_allocation="global"), token_batches(1),
                             str(tmp_path / "o"), inputs="compressed", progress=False)
+
+
+@pytest.mark.parametrize("arch,trainable,activations", [("llama", "output", "disk"), ("gpt2", "core", "memory"),
+                                                        pytest.param("opt", "input", "disk", marks=SLOW)])
+def test_layer_by_layer_fisher_equals_the_whole_model_fisher(tmp_path, arch, trainable, activations):
+    from peft_basis.calibration.sequential import calibrate_sequential
+    from peft_basis.tuners.basis import BasisConfig, basis_allocation
+
+    base = BUILDERS[arch](layers=3)
+    path = save_checkpoint(base, tmp_path / "ckpt")
+    data = token_batches(3, batch=2, seq=16)
+    # padding in one batch, and labels with a masked prompt in another
+    data[0] = {"input_ids": data[0], "attention_mask": torch.ones_like(data[0]).index_fill_(1, torch.tensor([14, 15]), 0)}
+    labels = data[1].clone()
+    labels[:, :5] = -100
+    data[1] = {"input_ids": data[1], "labels": labels}
+    whole = BasisConfig(r=2, rank_allocation="fisher", trainable=trainable)
+    ws = calibrate(AutoModelForCausalLM.from_pretrained(path), whole, data, progress=False)
+    seq = BasisConfig(r=2, rank_allocation="fisher", trainable=trainable)
+    ss = calibrate_sequential(path, seq, data, progress=False, activations=activations,
+                              scratch_dir=str(tmp_path / "scratch"))
+    keys = sorted(k for k in ws.extra if k.startswith("fisher"))
+    assert keys and keys == sorted(k for k in ss.extra if k.startswith("fisher"))
+    for k in keys:
+        assert ws.extra[k].abs().max() > 0
+        torch.testing.assert_close(ss.extra[k], ws.extra[k], rtol=1e-4, atol=1e-7)
+    assert {k: v for k, v in ss.meta.items() if k != "pipeline"} == ws.meta
+    if activations == "disk":
+        assert os.listdir(tmp_path / "scratch") == []  # the stored activations are removed
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert basis_allocation(model, seq).ranks == basis_allocation(model, whole).ranks
+
+
+def test_layer_by_layer_fisher_errors(tmp_path):
+    from peft_basis.calibration.sequential import calibrate_sequential
+    from peft_basis.linalg import CalibrationError
+    from peft_basis.tuners.basis import BasisConfig
+
+    path = save_checkpoint(tiny_llama(layers=2), tmp_path / "ckpt")
+    ids = token_batches(1)[0]
+    with pytest.raises(CalibrationError, match="every label"):
+        calibrate_sequential(path, BasisConfig(r=2, rank_allocation="fisher"),
+                             [{"input_ids": ids, "labels": torch.full_like(ids, -100)}], progress=False)
+    with pytest.raises(ValueError, match="activations must be one of"):
+        calibrate_sequential(path, BasisConfig(r=2, rank_allocation="fisher"), [ids], progress=False,
+                             activations="gpu")

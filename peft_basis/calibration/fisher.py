@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -42,7 +43,7 @@ from ..modules import in_out_features
 from .engine import batch_to_kwargs, model_device
 from .statistics import CalibrationStatistics
 
-__all__ = ["collect_fisher", "fisher_key"]
+__all__ = ["FisherPlan", "collect_fisher", "fisher_key"]
 
 MODES = ("diagonal", "full")
 
@@ -50,6 +51,25 @@ MODES = ("diagonal", "full")
 def fisher_key(module_name: str, key: str = "fisher") -> str:
     """Where :func:`collect_fisher` stores a module's scores in ``CalibrationStatistics.extra``."""
     return f"{key}/{module_name}"
+
+
+@dataclass
+class FisherPlan:
+    """What a method wants Fisher scores of: ``directions`` (``name -> (U, R)``), the ``mode``, the ``key``
+    they are stored under, and whether to sum a ``"full"`` score matrix over one dimension before storing
+    (``reduce_dim``). A tuner's ``fisher_plan`` returns one; both pipelines (whole model and layer by layer)
+    run it the same way."""
+
+    directions: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]
+    mode: str
+    key: str = "fisher"
+    reduce_dim: int | None = None
+    meta: dict = field(default_factory=dict)
+
+    def store(self, stats: CalibrationStatistics, scores: dict[str, torch.Tensor]) -> None:
+        for n, f in scores.items():
+            stats.extra[fisher_key(n, self.key)] = f if self.reduce_dim is None else f.sum(self.reduce_dim)
+        stats.meta.update(self.meta)
 
 
 class _Accumulator:
@@ -75,6 +95,18 @@ class _Accumulator:
             self.scores = contrib if self.scores is None else self.scores + contrib
 
         output.register_hook(grad_hook)
+
+
+def accumulators(directions: dict, mode: str, device) -> dict[str, _Accumulator]:
+    """One checked :class:`_Accumulator` per module of ``directions`` (``name -> (U, R)``)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for n, (U, R) in directions.items():
+        if mode == "diagonal" and (U is None or R is None or U.shape[1] != R.shape[0]):
+            raise ValueError(f"{n}: the diagonal mode needs U (d_out x k) and R (k x d_in) with the same k.")
+    return {n: _Accumulator(None if U is None else U.detach().float().to(device),
+                            None if R is None else R.detach().float().to(device), mode)
+            for n, (U, R) in directions.items()}
 
 
 def _seq_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,22 +139,16 @@ def collect_fisher(
     ``stats.extra[fisher_key(name, key)]`` with the sequence count in ``stats.meta[key + "_sequences"]``,
     so they are saved and loaded with the rest of the statistics.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     named = dict(model.named_modules())
     missing = [n for n in directions if n not in named]
     if missing:
         raise ValueError(f"collect_fisher: modules not found in the model: {missing[:5]}")
-    for n, (U, R) in directions.items():
-        if mode == "diagonal" and (U is None or R is None or U.shape[1] != R.shape[0]):
-            raise ValueError(f"{n}: the diagonal mode needs U (d_out x k) and R (k x d_in) with the same k.")
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embeddings is None:
         raise ValueError("collect_fisher needs a model with `get_input_embeddings()` (a transformers model).")
     device = model_device(model)
-    accs = {n: _Accumulator(None if U is None else U.detach().float().to(device),
-                            None if R is None else R.detach().float().to(device), mode)
-            for n, (U, R) in directions.items()}
+    accs = accumulators(directions, mode, device)
+
     def embed_hook(module, args, output):
         return output.requires_grad_(True) if not output.requires_grad else output
 
@@ -145,24 +171,15 @@ def collect_fisher(
                     break
                 n_batches += 1
                 kwargs = batch_to_kwargs(batch, device)
-                labels = kwargs.pop("labels", None)
-                ids = kwargs["input_ids"]
-                if ids.numel() == 0:
-                    continue
+                labels = batch_labels(kwargs)
                 if labels is None:
-                    labels = ids.clone()
-                    if "attention_mask" in kwargs:
-                        labels = labels.masked_fill(kwargs["attention_mask"] == 0, -100)
-                counts = (labels[:, 1:] != -100).sum(1)
-                if int(counts.sum()) == 0:
                     continue
                 # sum over sequences of each one's mean NLL: a sequence without labelled tokens adds nothing
                 out = model(**kwargs, use_cache=False)
-                nll_sum, cnt = _seq_losses(out.logits, labels.to(out.logits.device))
-                loss = (nll_sum / cnt.clamp_min(1)).sum()
+                loss, seqs, tokens = sequence_loss(out.logits, labels)
                 loss.backward()
-                n_seqs += int((counts > 0).sum())
-                n_labelled_tokens += int(counts.sum())
+                n_seqs += seqs
+                n_labelled_tokens += tokens
                 del out, loss
     finally:
         for p, f in flags.items():
@@ -170,6 +187,33 @@ def collect_fisher(
         model.train(was_training)
     if n_batches == 0:
         raise CalibrationError("Fisher scores: the dataloader yielded no batches. Pass at least one batch of `input_ids`.")
+    return finish_fisher(accs, directions, named, mode, n_seqs, n_labelled_tokens, device, stats, key)
+
+
+def batch_labels(kwargs: dict) -> torch.Tensor | None:
+    """Pop the batch's ``labels`` (or derive them from ``input_ids``, padding masked); None when the batch
+    has no labelled token after the first position (it adds nothing to the Fisher)."""
+    labels = kwargs.pop("labels", None)
+    ids = kwargs["input_ids"]
+    if ids.numel() == 0:
+        return None
+    if labels is None:
+        labels = ids.clone()
+        if "attention_mask" in kwargs:
+            labels = labels.masked_fill(kwargs["attention_mask"] == 0, -100)
+    return labels if int((labels[:, 1:] != -100).sum()) > 0 else None
+
+
+def sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """The loss whose per-sequence gradients the Fisher squares: the sum over sequences of each one's mean NLL
+    (a sequence without labelled tokens adds nothing); and how many sequences and labelled tokens count."""
+    nll_sum, cnt = _seq_losses(logits, labels.to(logits.device))
+    return (nll_sum / cnt.clamp_min(1)).sum(), int((cnt > 0).sum()), int(cnt.sum())
+
+
+def finish_fisher(accs: dict[str, _Accumulator], directions, modules: dict[str, nn.Module], mode: str, n_seqs: int,
+                  n_labelled_tokens: int, device, stats: CalibrationStatistics | None, key: str) -> dict[str, torch.Tensor]:
+    """All-reduce the accumulated squares and sequence counts across ``torch.distributed`` ranks, divide, store."""
     counts_t = torch.tensor([float(n_seqs), float(n_labelled_tokens)], dtype=torch.float64)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed:
@@ -187,7 +231,7 @@ def collect_fisher(
         acc = accs[n]
         if acc.scores is None:
             U, R = directions[n]
-            d_in, d_out = in_out_features(named[n])
+            d_in, d_out = in_out_features(modules[n])
             k_out = U.shape[1] if U is not None else d_out
             k_in = R.shape[0] if R is not None else d_in
             shape = (k_out,) if mode == "diagonal" else (k_out, k_in)

@@ -211,6 +211,11 @@ class LayerStatistics:
     layer: nn.Module
     targets: dict[str, nn.Module]  # full module name -> module, inside this layer
     stats: CalibrationStatistics = field(default_factory=CalibrationStatistics)
+    # with keep_inputs=True: per batch, the hidden states that entered the layer, those it returned, and the
+    # other arguments the model passes every layer (masks, rotary embeddings)
+    inputs: list[torch.Tensor] | None = None
+    outputs: list[torch.Tensor] | None = None
+    call_args: list[tuple[tuple, dict]] | None = None
 
 
 def _capture_first_layer_inputs(model, runner, first_layer, batches, device, progress) -> list[_Batch]:
@@ -254,6 +259,7 @@ def iter_layer_statistics(
     device: torch.device | str = "cpu",
     model: nn.Module | None = None,
     replay: bool = False,
+    keep_inputs: bool = False,
 ) -> Iterator[LayerStatistics]:
     """Stream the decoder layers of the checkpoint at ``model_path`` one at a time.
 
@@ -267,6 +273,9 @@ def iter_layer_statistics(
     resumes the layer runs again on them, so the next layer's inputs are the outputs of the layer *as
     the consumer left it* (e.g. compressed in place): llm-compressor's sequential pipeline, where
     every layer is calibrated on the outputs of the already-compressed layers before it.
+
+    ``keep_inputs=True``: each item also carries the layer's inputs, outputs and call arguments (what the
+    layer-by-layer Fisher pass stores for its backward sweep).
     """
     from . import _tuner_cls
     from .engine import _backbone
@@ -315,7 +324,7 @@ def iter_layer_statistics(
         ckpt.close()  # unmap the shard: its pages would otherwise stay in this process's RSS
         targets = {n: model.get_submodule(n) for n in by_layer.get(i, [])}
         collector = GramCollector(targets)
-        layer_inputs = [b.hidden for b in captured] if replay else None
+        layer_inputs = [b.hidden for b in captured] if replay or keep_inputs else None
         with torch.no_grad(), collector.attached():
             for b in captured:
                 collector._seen.clear()
@@ -330,14 +339,19 @@ def iter_layer_statistics(
                 "`target_modules`."
             )
         stats = collector.finalize() if targets else CalibrationStatistics()
+        item = LayerStatistics(i, f"{layer_prefix}{i}", layer, targets, stats)
+        if keep_inputs:
+            item.inputs, item.outputs = layer_inputs, [b.hidden for b in captured]
+            item.call_args = [(b.args, b.kwargs) for b in captured]
         try:
-            yield LayerStatistics(i, f"{layer_prefix}{i}", layer, targets, stats)
+            yield item
+            del item
             if replay:
                 with torch.no_grad():
                     for b, x in zip(captured, layer_inputs):
                         out = layer(x, *b.args, **b.kwargs)
                         b.hidden = out[0] if isinstance(out, (tuple, list)) else out
-                del layer_inputs
+            layer_inputs = None
         finally:
             release(layer)
             trim_memory()
@@ -353,24 +367,36 @@ def calibrate_sequential(
     progress: bool = True,
     dtype: torch.dtype | None = None,
     save_to: str | None = None,
+    device: torch.device | str = "cpu",
+    activations: str = "disk",
+    scratch_dir: str | None = None,
 ) -> CalibrationStatistics:
     """``calibrate`` for a checkpoint on disk, one decoder layer in memory at a time: the input Grams of every
     target of ``config`` (any registered peft-basis config: SharedBasis, Basel's whitened initialisation, BASIS
     covariances), attached to ``config`` as ``calibrate`` attaches them, optionally saved to ``save_to``.
 
     The result holds every layer's Grams (what the method's ``get_peft_model`` reads), but never the dense
-    model. Methods that also run backward passes (``extra_calibration``, e.g. Fisher scores) are not run here:
-    their statistics need gradients through all later layers; run ``calibrate`` on the whole (offloaded) model
-    for those."""
-    from . import use_statistics
+    model. When the config needs Fisher scores (BASIS with ``rank_allocation="fisher"``) they are computed
+    layer by layer too, by a forward sweep that stores each layer's inputs and a backward sweep from the
+    last layer (:mod:`peft_basis.calibration.sequential_fisher`: about one forward more than ``calibrate``,
+    each layer read twice; ``activations``/``scratch_dir`` say where the stored inputs wait)."""
+    from . import _tuner_cls, use_statistics
 
-    merged = CalibrationStatistics()
-    for item in iter_layer_statistics(model_path, config, dataloader, max_batches=max_batches, progress=progress,
-                                      dtype=dtype):
-        merged.grams.update(item.stats.grams)
-        merged.tokens.update(item.stats.tokens)
-        merged.sources.update(item.stats.sources)
-    merged.meta["pipeline"] = "sequential"
+    needs_fisher = getattr(_tuner_cls(config), "needs_fisher", None)
+    if needs_fisher is not None and needs_fisher(config):
+        from .sequential_fisher import calibrate_sequential_fisher
+
+        merged = calibrate_sequential_fisher(model_path, config, dataloader, max_batches=max_batches,
+                                             progress=progress, dtype=dtype, device=device,
+                                             activations=activations, scratch_dir=scratch_dir)
+    else:
+        merged = CalibrationStatistics()
+        for item in iter_layer_statistics(model_path, config, dataloader, max_batches=max_batches,
+                                          progress=progress, dtype=dtype, device=device):
+            merged.grams.update(item.stats.grams)
+            merged.tokens.update(item.stats.tokens)
+            merged.sources.update(item.stats.sources)
+        merged.meta["pipeline"] = "sequential"
     if save_to is not None:
         merged.save(save_to)
     use_statistics(config, merged)

@@ -23,7 +23,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, check_targ
 from torch import nn
 
 from ...budget import greedy_allocate
-from ...calibration.fisher import collect_fisher, fisher_key
+from ...calibration.fisher import FisherPlan, collect_fisher, fisher_key
 from ...linalg import CalibrationError, decomposition_threads, robust_eigh, warn_if_rank_deficient
 from ...modules import find_linear_names, in_out_features, is_linear, layer_index, linear_weight, module_type
 from ..base import BasisTunerBase, _with_targets, warn_no_calibration
@@ -125,8 +125,9 @@ def _fisher_scores(stats, n: str, config: BasisConfig) -> torch.Tensor:
     key = fisher_key(n, _fisher_key(config))
     if stats is None or key not in stats.extra:
         pipeline = "" if stats is None else stats.meta.get("pipeline", "")
-        hint = (" These statistics come from calibrate_sequential, which runs no backward pass; pass them to "
-                "`calibrate(model, config, dataloader, statistics=...)` to add the Fisher scores."
+        hint = (" These statistics come from calibrate_sequential with a config that needed no Fisher scores; rerun "
+                "it with this config (it adds them layer by layer), or pass them to "
+                "`calibrate(model, config, dataloader, statistics=...)` to add them on the whole model."
                 if pipeline == "sequential" else "")
         raise CalibrationError(
             f"rank_allocation='fisher' with trainable={config.trainable!r} needs Fisher scores for {n}, which `calibrate(model, config, dataloader)` "
@@ -260,29 +261,39 @@ class BasisModel(BasisTunerBase):
         return names
 
     # ---- calibration: Fisher scores ------------------------------------------------------------------
+    @staticmethod
+    def needs_fisher(config: BasisConfig) -> bool:
+        return config.rank_allocation == "fisher"
+
     @classmethod
-    def extra_calibration(cls, model, config: BasisConfig, stats, dataloader, *, max_batches=None, progress=True):
-        """Called by ``calibrate`` after the Gram pass: for ``rank_allocation='fisher'``, one forward and one
-        backward pass per batch streaming the empirical Fisher of each module's candidate directions
-        (``min(r_max, d_in, d_out)`` of them; see :mod:`peft_basis.calibration.fisher`)."""
-        if config.rank_allocation != "fisher":
-            return
-        names = cls.resolve_target_names(model, config)
+    def fisher_plan(cls, model: nn.Module, config: BasisConfig, names: list[str], stats) -> FisherPlan | None:
+        """For ``rank_allocation='fisher'``: the directions of ``names`` whose empirical Fisher the allocation
+        scores (``min(r_max, d_in, d_out)`` per module), from their input covariances in ``stats``. Used by
+        ``calibrate`` (whole model) and ``calibrate_sequential`` (layer by layer, ``names`` one layer's)."""
+        if not cls.needs_fisher(config):
+            return None
         modules = dict(model.named_modules())
         shapes = {n: in_out_features(_base(modules[n])) for n in names}
         bases = module_bases(model, names, stats, config.damping, _score_depth(config, shapes))
         if config.trainable in ("core", "diagonal"):
-            collect_fisher(model, {n: (b.U, b.R) for n, b in bases.items()}, dataloader, max_batches=max_batches,
-                           progress=progress, stats=stats)
-        else:  # a whole trainable column (output) / row (input) per direction: sum the Fisher over the free side
-            side = 0 if config.trainable == "output" else 1
-            dirs = {n: (None, b.R) if side == 0 else (b.U, None) for n, b in bases.items()}
-            key = _fisher_key(config)
-            scores = collect_fisher(model, dirs, dataloader, mode="full", max_batches=max_batches,
-                                    progress=progress, stats=stats, key=key)
-            for n, f in scores.items():
-                stats.extra[fisher_key(n, key)] = f.sum(side)
-        stats.meta["fisher_max_rank"] = config.max_rank
+            return FisherPlan({n: (b.U, b.R) for n, b in bases.items()}, "diagonal", "fisher",
+                              meta={"fisher_max_rank": config.max_rank})
+        # a whole trainable column (output) / row (input) per direction: the Fisher summed over the free side
+        side = 0 if config.trainable == "output" else 1
+        return FisherPlan({n: (None, b.R) if side == 0 else (b.U, None) for n, b in bases.items()}, "full",
+                          _fisher_key(config), reduce_dim=side, meta={"fisher_max_rank": config.max_rank})
+
+    @classmethod
+    def extra_calibration(cls, model, config: BasisConfig, stats, dataloader, *, max_batches=None, progress=True):
+        """Called by ``calibrate`` after the Gram pass: for ``rank_allocation='fisher'``, one forward and one
+        backward pass per batch streaming the empirical Fisher of :meth:`fisher_plan`'s directions
+        (see :mod:`peft_basis.calibration.fisher`)."""
+        plan = cls.fisher_plan(model, config, cls.resolve_target_names(model, config), stats)
+        if plan is None:
+            return
+        scores = collect_fisher(model, plan.directions, dataloader, mode=plan.mode, max_batches=max_batches,
+                                progress=progress, stats=stats, key=plan.key)
+        plan.store(stats, scores)
 
     # ---- building ------------------------------------------------------------------------------------
     def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False,
