@@ -84,3 +84,36 @@ def test_command_compresses_a_model_folder(tmp_path, sequential):
     assert 0.2 * dense_targeted <= removed <= 0.2 * dense_targeted + 2 * (576 + 2 * 1536) * 7
     reloaded = PeftModel.from_pretrained(load_default_model(num_hidden_layers=2)[0], str(out))
     assert reloaded.base_model.stored_parameters() == dense_targeted - removed
+
+
+@pytest.mark.parametrize("method", ["basis", "basel"])
+def test_calibrate_command_saves_statistics_whole_or_layer_by_layer(tmp_path, method):
+    """`peft-basis calibrate` on a 2-layer cut of the real model: the layer-by-layer statistics (with BASIS's
+    Fisher scores, from the backward sweep) equal the whole-model ones and build the same adapter."""
+    from peft_basis.calibration import CalibrationStatistics
+    from peft_basis.cli import main
+    from peft_basis.data import load_default_model
+
+    model, tok = load_default_model(num_hidden_layers=2)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    common = ["calibrate", "--method", method, "--model", str(tmp_path / "model"), "--blocks", "4", "--seq-len", "64",
+              "--batch-size", "2", "--r", "4"]
+    assert main(common + ["--output", str(tmp_path / "whole.safetensors")]) == 0
+    assert main(common + ["--sequential", "--output", str(tmp_path / "seq.safetensors")]) == 0
+    whole = CalibrationStatistics.load(str(tmp_path / "whole.safetensors"))
+    seq = CalibrationStatistics.load(str(tmp_path / "seq.safetensors"))
+    assert whole.sources == seq.sources and len(whole.sources) == 14
+    for k in whole.grams:
+        torch.testing.assert_close(seq.grams[k], whole.grams[k], rtol=1e-5, atol=1e-5)
+    fisher = sorted(k for k in whole.extra if k.startswith("fisher"))
+    assert len(fisher) == (14 if method == "basis" else 0)
+    assert fisher == sorted(k for k in seq.extra if k.startswith("fisher"))
+    for k in fisher:
+        torch.testing.assert_close(seq.extra[k], whole.extra[k], rtol=1e-4, atol=1e-8)
+    if method == "basis":
+        configs = [peft_basis.BasisConfig(r=4, rank_allocation="fisher") for _ in range(2)]
+        for config, path in zip(configs, ["whole", "seq"]):
+            peft_basis.use_statistics(config, str(tmp_path / f"{path}.safetensors"))
+            get_peft_model(load_default_model(num_hidden_layers=2)[0], config)
+        assert configs[0].rank_pattern == configs[1].rank_pattern
