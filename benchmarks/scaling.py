@@ -1,6 +1,6 @@
 """Peak memory of compressing layer by layer vs the whole-model path, growth with depth, lean loading.
 
-Every measurement runs in a fresh subprocess (peak RSS = that process's ``ru_maxrss``); the same
+Every measurement runs in a fresh subprocess (peak RSS = that process's ``VmHWM``, not ``ru_maxrss``, which a child inherits from its parent); the same
 calibration tokens (real text, SmolLM2's tokenizer) are used by every run. Writes
 ``benchmarks/results/scaling.json`` and ``benchmarks/results/scaling.md``.
 
@@ -25,23 +25,10 @@ WORK = os.environ.get("PEFT_BASIS_SCALING_DIR", "/tmp/peft_basis_scaling")
 GiB = 1024**3
 
 
-def vm_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 # ---- workers (one per subprocess) -------------------------------------------------------------------------
 def worker(mode: str, model: str, out: str, ratio: float, data_file: str) -> dict:
     torch.set_num_threads(int(os.environ.get("SCALING_THREADS", "1")))
+    from peft_basis.evaluation import peak_rss_bytes, rss_bytes
     from peft import PeftModel, get_peft_model
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -54,7 +41,7 @@ def worker(mode: str, model: str, out: str, ratio: float, data_file: str) -> dic
 
     blocks = load_file(data_file)["blocks"]
     batches = [blocks[i : i + 2] for i in range(0, blocks.shape[0], 2)]
-    baseline = vm_rss()  # interpreter + torch + transformers + peft, before any model
+    baseline = rss_bytes()  # interpreter + torch + transformers + peft, before any model
     t = time.perf_counter()
     result: dict = {"mode": mode, "model": model}
     if mode == "whole":
@@ -65,6 +52,18 @@ def worker(mode: str, model: str, out: str, ratio: float, data_file: str) -> dic
         pm.save_pretrained(out)
     elif mode == "sequential":
         compress_sequential(model, SharedBasisConfig(compression_ratio=ratio), batches, out, progress=False)
+    elif mode in ("fisher_whole", "fisher_sequential"):  # BASIS statistics: input Grams + Fisher scores
+        from peft_basis.calibration.sequential import calibrate_sequential
+        from peft_basis.tuners.basis import BasisConfig
+
+        config = BasisConfig(r=16, rank_allocation="fisher")
+        target = os.path.join(out, f"{mode}.safetensors")
+        os.makedirs(out, exist_ok=True)
+        if mode == "fisher_whole":
+            calibrate(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), config, batches,
+                      progress=False, save_to=target)
+        else:
+            calibrate_sequential(model, config, batches, progress=False, save_to=target)
     elif mode in ("dense_load", "lean_load"):
         if mode == "dense_load":
             pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), out)
@@ -75,7 +74,7 @@ def worker(mode: str, model: str, out: str, ratio: float, data_file: str) -> dic
             logits = pm.eval()(input_ids=blocks[:1, :64]).logits
         torch.save({"logits": logits}, os.path.join(out, f"logits_{mode}.pt"))
         result["parameter_bytes"] = sum(p.numel() * p.element_size() for p in pm.parameters())
-    result.update(seconds=time.perf_counter() - t, baseline_rss=baseline, peak_rss=peak_rss())
+    result.update(seconds=time.perf_counter() - t, baseline_rss=baseline, peak_rss=peak_rss_bytes())
     result["working_rss"] = result["peak_rss"] - baseline
     return result
 
@@ -179,7 +178,7 @@ def main() -> None:
     results = {"settings": {"ratio": args.ratio, "tokens": int(blocks.numel()), "seq_len": args.seq_len,
                             "domain": args.domain, "threads": int(os.environ.get("SCALING_THREADS", "1")),
                             "torch": torch.__version__},
-               "depth": [], "lean": {}, "equivalence": {}}
+               "depth": [], "lean": {}, "equivalence": {}, "fisher": {}}
     for factor in args.depths:
         path = real if factor == 1 else deep_checkpoint(real, factor)
         from transformers import AutoConfig
@@ -201,6 +200,7 @@ def main() -> None:
                 "adapter_bytes": os.path.getsize(os.path.join(WORK, "adapter-sequential-30", "adapter_model.safetensors")),
             }
             _measure_loading(results, real, os.path.join(WORK, "adapter-sequential-30"), args.ratio, data_file)
+            _measure_fisher(results, real, args.ratio, data_file)
         _write(results)
     _write(results)
 
@@ -211,6 +211,20 @@ def _measure_loading(results, real, adapter, ratio, data_file) -> None:
     la = torch.load(os.path.join(adapter, "logits_dense_load.pt"), weights_only=True)["logits"]
     lb = torch.load(os.path.join(adapter, "logits_lean_load.pt"), weights_only=True)["logits"]
     results["lean"]["logits_equal"] = bool(torch.equal(la, lb))
+
+
+def _measure_fisher(results, real, ratio, data_file) -> None:
+    from peft_basis.calibration import CalibrationStatistics
+
+    out = os.path.join(WORK, "fisher")
+    for mode in ("fisher_sequential", "fisher_whole"):
+        results["fisher"][mode] = run_worker(mode, real, out, ratio, data_file)
+    a = CalibrationStatistics.load(os.path.join(out, "fisher_whole.safetensors"))
+    b = CalibrationStatistics.load(os.path.join(out, "fisher_sequential.safetensors"))
+    keys = [k for k in a.extra if k.startswith("fisher")]
+    results["fisher"]["modules"] = len(keys)
+    results["fisher"]["max_relative_diff"] = max(float((a.extra[k] - b.extra[k]).abs().max() / a.extra[k].abs().max())
+                                                 for k in keys)
 
 
 def _write(results: dict) -> None:
@@ -253,6 +267,19 @@ def _write(results: dict) -> None:
             f"{l_['load_seconds']:.1f} |",
             "",
             f"Logits of the two loads identical: {results['lean']['logits_equal']}.",
+        ]
+    if results.get("fisher"):
+        f = results["fisher"]
+        sq, wh = f["fisher_sequential"], f["fisher_whole"]
+        lines += [
+            "",
+            "| BASIS statistics (Grams + Fisher, r=16) of SmolLM2-135M | peak GiB | (above imports) | seconds |",
+            "|---|---|---|---|",
+            f"| layer by layer (`calibrate_sequential`) | {g(sq['peak_rss'])} | {g(sq['working_rss'])} | "
+            f"{sq['seconds']:.0f} |",
+            f"| whole model (`calibrate`) | {g(wh['peak_rss'])} | {g(wh['working_rss'])} | {wh['seconds']:.0f} |",
+            "",
+            f"Fisher scores of the {f['modules']} modules: largest relative difference {f['max_relative_diff']:.2g}.",
         ]
     if results["equivalence"]:
         e = results["equivalence"]

@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ import time
 import torch
 
 from peft_basis.data import _plays, cache_dir, load_default_model, load_text, token_blocks
-from peft_basis.evaluation import perplexity, size_on_disk
+from peft_basis.evaluation import peak_rss_bytes, perplexity, reset_peak_rss, rss_bytes, size_on_disk
 from peft_basis.task_vectors import TaskVectorBasis
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,28 +55,6 @@ def domain_text(name: str) -> str:
         except FileNotFoundError:
             return _plays(["_gut_f"])
     return load_text(name)
-
-
-def rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss() -> int:
-    """Peak RSS since the last reset_peak() (VmHWM; ru_maxrss would include the model load's own peak)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    except OSError:
-        pass
 
 
 def finetune(model, blocks, steps, batch, lr, seed, out_dir):
@@ -106,17 +83,17 @@ def measure_build(args):
     """Subprocess entry: build one basis from the cached adapters, print peak memory as JSON."""
     torch.set_num_threads(1)
     model, _ = load_default_model()
-    before = rss_now()
-    reset_peak()
+    before = rss_bytes()
+    reset_peak_rss()
     t0 = time.perf_counter()
     tvb = TaskVectorBasis.from_models(model, args.adapters, method=args.measure_build, num_bases=args.num_bases,
                                       task_names=args.tasks, chunk_elements=args.chunk)
     seconds = time.perf_counter() - t0
-    peak_build = peak_rss()
+    peak_build = peak_rss_bytes()
     tvb.save_pretrained(args.save_to)
-    print(json.dumps({"seconds": seconds, "rss_before": before, "peak_rss": peak_rss(),
+    print(json.dumps({"seconds": seconds, "rss_before": before, "peak_rss": peak_rss_bytes(),
                       "peak_build_above_model": peak_build - before,
-                      "peak_above_model": peak_rss() - before, "info": {k: v for k, v in tvb.info.items() if k != "sources"},
+                      "peak_above_model": peak_rss_bytes() - before, "info": {k: v for k, v in tvb.info.items() if k != "sources"},
                       "storage": tvb.storage()}))
 
 

