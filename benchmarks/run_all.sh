@@ -15,3 +15,6 @@ for script in benchmarks/*.py; do
   echo "== $script"
   python "$script"
 done
+echo "== benchmarks/basis.py on the full 30-layer model"
+python benchmarks/basis.py --layers 30 --lrs 3e-4 1e-3 3e-3 --methods lora eva basis-uniform basis-eigen basis-fisher \
+  --out benchmarks/results/basis_30layers

@@ -21,18 +21,20 @@ __all__ = ["load_lean", "replaced_weight_names"]
 
 def replaced_weight_names(peft_config) -> set[str]:
     """Checkpoint names of the dense weights a compression adapter replaces (``<module>.weight``)."""
-    groups = getattr(peft_config, "groups", None)
-    if not groups:
+    replaced = getattr(peft_config, "replaced_modules", None)
+    modules = replaced() if replaced is not None else []
+    if not modules:
         raise ValueError(
-            f"{type(peft_config).__name__} does not say which dense weights it replaces (no `groups`): lean loading "
-            "supports compression adapters (SharedBasisConfig). Load other adapters with PeftModel.from_pretrained."
+            f"This {type(peft_config).__name__} adapter replaces no dense weight: lean loading supports compression "
+            "adapters (SharedBasisConfig, and BaselConfig without keep_dense_weight). Load other adapters with "
+            "PeftModel.from_pretrained."
         )
-    return {f"{m}.weight" for members in groups.values() for m in members}
+    return {f"{m}.weight" for m in modules}
 
 
 def load_lean(model_path: str, adapter_path: str, *, dtype: torch.dtype | None = None,
               device: torch.device | str = "cpu", adapter_name: str = "default"):
-    """Load ``adapter_path`` (a compressed model: SharedBasis) onto the base checkpoint at ``model_path``
+    """Load ``adapter_path`` (a compressed model: SharedBasis, or Basel trained or consolidated) onto the base checkpoint at ``model_path``
     without ever reading the dense weights it replaces. Returns a ``PeftModel`` in eval mode whose
     logits equal ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), adapter_path)``."""
     import peft_basis  # noqa: F401  (registers the tuner types, so PEFT can read the adapter config)

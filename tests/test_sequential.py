@@ -329,3 +329,44 @@ def test_layer_by_layer_fisher_errors(tmp_path):
     with pytest.raises(ValueError, match="activations must be one of"):
         calibrate_sequential(path, BasisConfig(r=2, rank_allocation="fisher"), [ids], progress=False,
                              activations="gpu")
+
+
+@pytest.mark.parametrize("consolidated", [False, True], ids=["training-phase", "consolidated"])
+def test_lean_loading_of_basel_never_reads_replaced_weights(consolidated, tmp_path, monkeypatch):
+    from peft_basis.tuners.basel import BaselConfig
+
+    base = tiny_llama(layers=2)
+    path = save_checkpoint(base, tmp_path / "base")
+    config = BaselConfig(init="whitened", keep_ratio=0.6)
+    calibrate(base, config, token_batches(2), progress=False)
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(path), config)
+    torch.manual_seed(0)
+    for p in pm.parameters():  # move away from the initialisation, as training would
+        if p.requires_grad:
+            p.data.add_(0.01 * torch.randn_like(p))
+    if consolidated:
+        budget = int(0.6 * pm.base_model.dense_parameters())
+        pm.base_model.prune_to(budget)
+        pm.base_model.consolidate()
+    pm.save_pretrained(tmp_path / "basel")
+    dense = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), tmp_path / "basel").eval()
+    read = []
+    original = ShardedCheckpoint.get
+    monkeypatch.setattr(ShardedCheckpoint, "get", lambda self, key, dtype=None: read.append(key) or original(self, key, dtype))
+    lean = load_lean(path, str(tmp_path / "basel"))
+    replaced = {f"{m}.weight" for m in lean.peft_config["default"].rank_pattern}
+    assert len(replaced) == 14 and not replaced & set(read)
+    with torch.no_grad():
+        assert torch.equal(lean(IDS).logits, dense(IDS).logits)
+    assert count_parameters(lean) == count_parameters(dense)
+
+
+def test_lean_loading_refuses_an_adapter_that_replaces_nothing(tmp_path):
+    from peft_basis.tuners.basis import BasisConfig
+
+    base = tiny_llama(layers=2)
+    path = save_checkpoint(base, tmp_path / "base")
+    with pytest.warns(UserWarning):
+        get_peft_model(base, BasisConfig(r=2)).save_pretrained(tmp_path / "basis")
+    with pytest.raises(ValueError, match="replaces no dense weight.*PeftModel.from_pretrained"):
+        load_lean(path, str(tmp_path / "basis"))

@@ -66,6 +66,11 @@ class BaselConfig(BasisConfigBase):
     phase: str = field(default="train", metadata={"help": "Filled: 'train' or 'factorized'."})
     initial_fraction: Optional[float] = field(default=None, metadata={"help": "Filled: stored fraction at creation."})
 
+    def replaced_modules(self) -> list[str]:
+        """The modules whose dense weight this adapter replaces (what lean loading never reads): every target
+        of a saved adapter, unless ``keep_dense_weight``."""
+        return [] if self.keep_dense_weight else sorted(self.rank_pattern)
+
     def __post_init__(self):
         self.peft_type = add_peft_type("BASEL")
         super().__post_init__()

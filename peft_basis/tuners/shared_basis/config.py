@@ -60,6 +60,10 @@ class SharedBasisConfig(BasisConfigBase):
     keep_dense_weight: bool = field(default=False, metadata={"help": "Keep dense weights (for disable_adapter)."})
     groups: dict = field(default_factory=dict, metadata={"help": "Filled at creation: group -> module names."})
 
+    def replaced_modules(self) -> list[str]:
+        """The modules whose dense weight this adapter replaces (what lean loading never reads)."""
+        return sorted(m for members in self.groups.values() for m in members)
+
     def __post_init__(self):
         self.peft_type = add_peft_type("SHARED_BASIS")
         super().__post_init__()
