@@ -52,7 +52,7 @@ def worker(mode: str, model: str, out: str, ratio: float, data_file: str) -> dic
         pm.save_pretrained(out)
     elif mode == "sequential":
         compress_sequential(model, SharedBasisConfig(compression_ratio=ratio), batches, out, progress=False)
-    elif mode in ("fisher_whole", "fisher_sequential"):  # BASIS statistics: input Grams + Fisher scores
+    elif mode in ("fisher_whole", "fisher_sequential", "fisher_sequential_bases"):  # BASIS: Grams + Fisher scores
         from peft_basis.calibration.sequential import calibrate_sequential
         from peft_basis.tuners.basis import BasisConfig
 
@@ -63,7 +63,8 @@ def worker(mode: str, model: str, out: str, ratio: float, data_file: str) -> dic
             calibrate(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), config, batches,
                       progress=False, save_to=target)
         else:
-            calibrate_sequential(model, config, batches, progress=False, save_to=target)
+            calibrate_sequential(model, config, batches, progress=False, save_to=target,
+                                 keep_grams=mode == "fisher_sequential")
     elif mode in ("dense_load", "lean_load"):
         if mode == "dense_load":
             pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), out)
@@ -146,11 +147,22 @@ def main() -> None:
     ap.add_argument("--domain", default="britannica")
     ap.add_argument("--whole-max-depth", type=int, default=2,
                     help="run the whole-model path only up to this depth factor (it is the slow, memory-hungry one)")
+    ap.add_argument("--fisher-only", action="store_true",
+                    help="re-measure only the BASIS Fisher rows, into the existing results")
     ap.add_argument("--lean-only", action="store_true",
                     help="re-measure only the loading rows, from the adapter an earlier full run left in the work dir")
     args = ap.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args.model, args.out, args.ratio, args.data)))
+        return
+    if args.fisher_only:
+        from peft_basis.data import default_model_path
+
+        with open(os.path.join(RESULTS, "scaling.json")) as f:
+            results = json.load(f)
+        results["fisher"] = {}
+        _measure_fisher(results, default_model_path(), args.ratio, os.path.join(WORK, "calibration_blocks.safetensors"))
+        _write(results)
         return
     if args.lean_only:
         from peft_basis.data import default_model_path
@@ -217,14 +229,15 @@ def _measure_fisher(results, real, ratio, data_file) -> None:
     from peft_basis.calibration import CalibrationStatistics
 
     out = os.path.join(WORK, "fisher")
-    for mode in ("fisher_sequential", "fisher_whole"):
+    for mode in ("fisher_sequential", "fisher_sequential_bases", "fisher_whole"):
         results["fisher"][mode] = run_worker(mode, real, out, ratio, data_file)
     a = CalibrationStatistics.load(os.path.join(out, "fisher_whole.safetensors"))
-    b = CalibrationStatistics.load(os.path.join(out, "fisher_sequential.safetensors"))
     keys = [k for k in a.extra if k.startswith("fisher")]
     results["fisher"]["modules"] = len(keys)
-    results["fisher"]["max_relative_diff"] = max(float((a.extra[k] - b.extra[k]).abs().max() / a.extra[k].abs().max())
-                                                 for k in keys)
+    results["fisher"]["max_relative_diff"] = max(
+        float((a.extra[k] - b.extra[k]).abs().max() / a.extra[k].abs().max())
+        for name in ("fisher_sequential", "fisher_sequential_bases")
+        for b in [CalibrationStatistics.load(os.path.join(out, f"{name}.safetensors"))] for k in keys)
 
 
 def _write(results: dict) -> None:
@@ -278,6 +291,12 @@ def _write(results: dict) -> None:
             f"| layer by layer (`calibrate_sequential`) | {g(sq['peak_rss'])} | {g(sq['working_rss'])} | "
             f"{sq['seconds']:.0f} |",
             f"| whole model (`calibrate`) | {g(wh['peak_rss'])} | {g(wh['working_rss'])} | {wh['seconds']:.0f} |",
+        ]
+        if "fisher_sequential_bases" in f:
+            sb = f["fisher_sequential_bases"]
+            lines.insert(-1, f"| layer by layer, directions instead of Grams (`keep_grams=False`) | {g(sb['peak_rss'])} | "
+                             f"{g(sb['working_rss'])} | {sb['seconds']:.0f} |")
+        lines += [
             "",
             f"Fisher scores of the {f['modules']} modules: largest relative difference {f['max_relative_diff']:.2g}.",
         ]

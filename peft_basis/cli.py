@@ -82,6 +82,9 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--sequential", action="store_true", help="one decoder layer in memory at a time")
+    p.add_argument("--bases-only", action="store_true",
+                   help="with --sequential and --method basis: keep each module's BASIS directions instead of its "
+                        "Gram (flat memory with depth; the file then serves this --r / --rank-allocation)")
     p.add_argument("--output", default="out/statistics.safetensors")
     p.add_argument("--threads", type=int, default=None)
     return p
@@ -115,6 +118,8 @@ def run_calibrate(argv: list[str] | None = None) -> dict:
         config = _method_config(args)
     except (TypeError, ValueError) as e:
         raise SystemExit(f"{METHODS[args.method]}: {e}") from None
+    if args.bases_only and not (args.sequential and args.method == "basis"):
+        raise SystemExit("--bases-only applies to --method basis with --sequential.")
     model_path = args.model or default_model_path()
     tok = AutoTokenizer.from_pretrained(model_path)
     blocks = token_blocks(tok, load_text(args.domain), args.seq_len, args.blocks)
@@ -126,7 +131,7 @@ def run_calibrate(argv: list[str] | None = None) -> dict:
           + (" (input Grams + Fisher scores)" if fisher else " (input Grams)"))
     t0 = time.perf_counter()
     if args.sequential:
-        stats = calibrate_sequential(model_path, config, batches, save_to=args.output)
+        stats = calibrate_sequential(model_path, config, batches, save_to=args.output, keep_grams=not args.bases_only)
     else:
         model, _ = load_model(model_path)
         stats = peft_basis.calibrate(model, config, batches, save_to=args.output)
@@ -135,7 +140,8 @@ def run_calibrate(argv: list[str] | None = None) -> dict:
     result = {"method": args.method, "sequential": args.sequential, "seconds": seconds,
               "peak_rss_bytes": peak_rss_bytes(), "modules": len(stats.sources), "grams": len(stats.grams),
               "fisher_modules": n_fisher, "tokens": blocks.numel(), "output": args.output}
-    print(f"{len(stats.sources)} modules, {len(stats.grams)} distinct inputs (Grams)"
+    print(f"{len(stats.sources)} modules, " + (f"{len(stats.grams)} distinct inputs (Grams)" if stats.grams else
+                                               "BASIS directions (no Grams)")
           + (f", Fisher scores for {n_fisher} modules" if n_fisher else "")
           + f"; {seconds:.1f} s, peak memory {_mb(result['peak_rss_bytes'])}")
     print(f"saved to {args.output}; use with:\n  config = peft_basis.{METHODS[args.method]}(...)  # as above\n"

@@ -96,6 +96,8 @@ def test_calibrate_command_saves_statistics_whole_or_layer_by_layer(tmp_path, me
               "--batch-size", "2", "--r", "4"]
     assert main(common + ["--output", str(tmp_path / "whole.safetensors")]) == 0
     assert main(common + ["--sequential", "--output", str(tmp_path / "seq.safetensors")]) == 0
+    if method == "basis":  # directions instead of Grams: the same adapter
+        assert main(common + ["--sequential", "--bases-only", "--output", str(tmp_path / "bases.safetensors")]) == 0
     whole = CalibrationStatistics.load(str(tmp_path / "whole.safetensors"))
     seq = CalibrationStatistics.load(str(tmp_path / "seq.safetensors"))
     assert whole.sources == seq.sources and len(whole.sources) == 14
@@ -107,8 +109,14 @@ def test_calibrate_command_saves_statistics_whole_or_layer_by_layer(tmp_path, me
     for k in fisher:
         torch.testing.assert_close(seq.extra[k], whole.extra[k], rtol=1e-4, atol=1e-8)
     if method == "basis":
-        configs = [peft_basis.BasisConfig(r=4, rank_allocation="fisher") for _ in range(2)]
-        for config, path in zip(configs, ["whole", "seq"]):
+        configs = [peft_basis.BasisConfig(r=4, rank_allocation="fisher") for _ in range(3)]
+        models = []
+        for config, path in zip(configs, ["whole", "seq", "bases"]):
             peft_basis.use_statistics(config, str(tmp_path / f"{path}.safetensors"))
-            get_peft_model(load_default_model(num_hidden_layers=2)[0], config)
-        assert configs[0].rank_pattern == configs[1].rank_pattern
+            models.append(get_peft_model(load_default_model(num_hidden_layers=2)[0], config))
+        assert configs[0].rank_pattern == configs[1].rank_pattern == configs[2].rank_pattern
+        assert not CalibrationStatistics.load(str(tmp_path / "bases.safetensors")).grams
+        ref = models[0].state_dict()
+        for m in models[1:]:
+            for k, v in m.state_dict().items():
+                torch.testing.assert_close(v, ref[k], rtol=1e-4, atol=1e-5)

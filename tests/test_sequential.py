@@ -370,3 +370,41 @@ def test_lean_loading_refuses_an_adapter_that_replaces_nothing(tmp_path):
         get_peft_model(base, BasisConfig(r=2)).save_pretrained(tmp_path / "basis")
     with pytest.raises(ValueError, match="replaces no dense weight.*PeftModel.from_pretrained"):
         load_lean(path, str(tmp_path / "basis"))
+
+
+@pytest.mark.parametrize("allocation", ["eigen", "fisher"])
+def test_basis_statistics_without_grams_build_the_whole_model_adapter(allocation, tmp_path):
+    """keep_grams=False: each layer's Grams become BASIS's directions while the layer is loaded; the adapter
+    built from them equals the one built from calibrate's Grams, and a config needing more directions is told."""
+    from peft_basis.calibration.sequential import calibrate_sequential
+    from peft_basis.linalg import CalibrationError
+    from peft_basis.tuners.basis import BasisConfig
+
+    base = tiny_llama(layers=2)
+    path = save_checkpoint(base, tmp_path / "ckpt")
+    data = token_batches(2)
+    whole = BasisConfig(r=3, rank_allocation=allocation)
+    calibrate(AutoModelForCausalLM.from_pretrained(path), whole, data, progress=False)
+    seq = BasisConfig(r=3, rank_allocation=allocation)
+    stats = calibrate_sequential(path, seq, data, progress=False, keep_grams=False,
+                                 save_to=str(tmp_path / "bases.safetensors"))
+    assert not stats.grams and len([k for k in stats.extra if k.startswith("basis_R/")]) == 14
+    a = get_peft_model(AutoModelForCausalLM.from_pretrained(path), whole)
+    b = get_peft_model(AutoModelForCausalLM.from_pretrained(path), seq)
+    assert whole.rank_pattern == seq.rank_pattern
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5)
+    # the saved file serves the same config; one that needs more directions than were kept is told how to fix it
+    again = BasisConfig(r=3, rank_allocation=allocation)
+    peft_basis.use_statistics(again, str(tmp_path / "bases.safetensors"))
+    get_peft_model(AutoModelForCausalLM.from_pretrained(path), again)
+    assert again.rank_pattern == whole.rank_pattern
+    bigger = BasisConfig(r=3, rank_allocation=allocation, r_max=20)
+    peft_basis.use_statistics(bigger, stats)
+    if allocation == "eigen":
+        with pytest.raises(CalibrationError, match="keep_grams=True"):
+            get_peft_model(AutoModelForCausalLM.from_pretrained(path), bigger)
+    with pytest.raises(ValueError, match="keep them"):
+        calibrate_sequential(path, SharedBasisConfig(), data, progress=False, keep_grams=False)

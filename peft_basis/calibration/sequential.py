@@ -370,6 +370,7 @@ def calibrate_sequential(
     device: torch.device | str = "cpu",
     activations: str = "disk",
     scratch_dir: str | None = None,
+    keep_grams: bool = True,
 ) -> CalibrationStatistics:
     """``calibrate`` for a checkpoint on disk, one decoder layer in memory at a time: the input Grams of every
     target of ``config`` (any registered peft-basis config: SharedBasis, Basel's whitened initialisation, BASIS
@@ -379,21 +380,47 @@ def calibrate_sequential(
     model. When the config needs Fisher scores (BASIS with ``rank_allocation="fisher"``) they are computed
     layer by layer too, by a forward sweep that stores each layer's inputs and a backward sweep from the
     last layer (:mod:`peft_basis.calibration.sequential_fisher`: about one forward more than ``calibrate``,
-    each layer read twice; ``activations``/``scratch_dir`` say where the stored inputs wait)."""
+    each layer read twice; ``activations``/``scratch_dir`` say where the stored inputs wait).
+
+    ``keep_grams=False`` (methods with a ``layer_summary``: BASIS) keeps, instead of each layer's Grams,
+    what the method's ``get_peft_model`` needs of them, computed while the layer is loaded (BASIS: each
+    module's directions and spectrum): memory and file size then grow by ``r_max x (d_in + d_out)`` floats
+    per module instead of ``d_in^2`` (at 70B: about 3 GB in all instead of 327 GB). The statistics then
+    serve this config (or one needing no more directions), not any method."""
     from . import _tuner_cls, use_statistics
 
-    needs_fisher = getattr(_tuner_cls(config), "needs_fisher", None)
+    tuner_cls = _tuner_cls(config)
+    summarise = None
+    if not keep_grams:
+        summary = getattr(tuner_cls, "layer_summary", None)
+        if summary is None:
+            raise ValueError(f"keep_grams=False: {type(config).__name__} builds its adapter from the Grams themselves; "
+                             "keep them (keep_grams=True).")
+
+        def swap_grams_for_summary(model, item):
+            """Swap the layer's Grams for the method's summary of them (the Fisher plan then reads that)."""
+            if item.targets:
+                item.stats.extra.update(summary(model, config, list(item.targets), item.stats))
+            item.stats.grams.clear()
+
+        summarise = swap_grams_for_summary
+
+    needs_fisher = getattr(tuner_cls, "needs_fisher", None)
     if needs_fisher is not None and needs_fisher(config):
         from .sequential_fisher import calibrate_sequential_fisher
 
         merged = calibrate_sequential_fisher(model_path, config, dataloader, max_batches=max_batches,
                                              progress=progress, dtype=dtype, device=device,
-                                             activations=activations, scratch_dir=scratch_dir)
+                                             activations=activations, scratch_dir=scratch_dir, summarise=summarise)
     else:
         merged = CalibrationStatistics()
+        model = meta_model(model_path, dtype)
         for item in iter_layer_statistics(model_path, config, dataloader, max_batches=max_batches,
-                                          progress=progress, dtype=dtype, device=device):
+                                          progress=progress, dtype=dtype, device=device, model=model):
+            if summarise is not None:
+                summarise(model, item)
             merged.grams.update(item.stats.grams)
+            merged.extra.update(item.stats.extra)
             merged.tokens.update(item.stats.tokens)
             merged.sources.update(item.stats.sources)
         merged.meta["pipeline"] = "sequential"

@@ -126,6 +126,7 @@ def calibrate_sequential_fisher(
     device: torch.device | str = "cpu",
     activations: str = "disk",
     scratch_dir: str | None = None,
+    summarise=None,
 ) -> CalibrationStatistics:
     """Input Grams and Fisher scores of ``config``'s targets, one decoder layer in memory at a time (module doc).
 
@@ -135,6 +136,9 @@ def calibrate_sequential_fisher(
     layers' inputs wait for the backward sweep, ``"disk"`` (default; scratch files under ``scratch_dir``,
     or the system's temporary folder, removed afterwards) or ``"memory"`` (faster, but grows with depth).
     Under ``torch.distributed`` every rank passes its own shard; Grams and scores are all-reduced.
+    ``summarise(model, item)``: called on each layer's statistics while the layer is loaded, before its Fisher
+    directions are computed (``calibrate_sequential(..., keep_grams=False)`` swaps the Grams for the
+    method's summary of them there).
     """
     from . import _tuner_cls
 
@@ -160,7 +164,10 @@ def calibrate_sequential_fisher(
         final, call_args = None, None
         for item in iter_layer_statistics(model_path, config, batches, max_batches=None, progress=progress,
                                           dtype=dtype, device=device, model=model, keep_inputs=True):
+            if summarise is not None:
+                summarise(model, item)
             merged.grams.update(item.stats.grams)
+            merged.extra.update(item.stats.extra)
             merged.tokens.update(item.stats.tokens)
             merged.sources.update(item.stats.sources)
             if item.targets:

@@ -54,9 +54,12 @@ def module_bases(model: nn.Module, names: list[str], stats, damping: float, k: d
     out = {}
     for n in names:
         layer = _base(modules[n])
-        w = linear_weight(layer).detach().to(torch.float64)
         kn = k[n] if isinstance(k, dict) else k
-        kn = min(kn, *w.shape)
+        kn = min(kn, *in_out_features(layer))
+        if stats is not None and n in stats and stats.sources[n] not in stats.grams:
+            out[n] = _stored_basis(stats, n, kn)  # statistics that keep the directions instead of the Gram
+            continue
+        w = linear_weight(layer).detach().to(torch.float64)
         if stats is not None:
             key = stats.sources[n] if n in stats else None
             if key is None:
@@ -78,6 +81,31 @@ def module_bases(model: nn.Module, names: list[str], stats, damping: float, k: d
         out[n] = ModuleBasis(U=(u * sign).float().contiguous(), R=(r * sign[:, None]).float().contiguous(),
                              sigma2=(s**2))
     return out
+
+
+BASIS_KEYS = ("basis_U", "basis_R", "basis_sigma2")
+
+
+def bases_as_statistics(bases: dict[str, ModuleBasis]) -> dict[str, torch.Tensor]:
+    """``CalibrationStatistics.extra`` entries that stand in for the Grams (what ``calibrate_sequential(...,
+    keep_grams=False)`` keeps): each module's leading directions and its whitened spectrum."""
+    extra = {}
+    for n, b in bases.items():
+        extra[f"basis_U/{n}"], extra[f"basis_R/{n}"], extra[f"basis_sigma2/{n}"] = b.U, b.R, b.sigma2
+    return extra
+
+
+def _stored_basis(stats, n: str, k: int) -> ModuleBasis:
+    if f"basis_R/{n}" not in stats.extra:
+        stats.gram(n)  # neither a Gram nor stored directions: the engine's "no statistics for this module" error
+    U, R = stats.extra[f"basis_U/{n}"], stats.extra[f"basis_R/{n}"]
+    if R.shape[0] < k:
+        raise CalibrationError(
+            f"These statistics keep {R.shape[0]} BASIS directions of {n} instead of its Gram (calibrate_sequential "
+            f"with keep_grams=False, for another config), but this config needs {k}. Rerun calibrate_sequential with "
+            "this config, or with keep_grams=True."
+        )
+    return ModuleBasis(U=U[:, :k].float(), R=R[:k].float(), sigma2=stats.extra[f"basis_sigma2/{n}"].double())
 
 
 # ---- allocation --------------------------------------------------------------------------------------
@@ -264,6 +292,15 @@ class BasisModel(BasisTunerBase):
     @staticmethod
     def needs_fisher(config: BasisConfig) -> bool:
         return config.rank_allocation == "fisher"
+
+    @classmethod
+    def layer_summary(cls, model: nn.Module, config: BasisConfig, names: list[str], stats) -> dict[str, torch.Tensor]:
+        """What ``get_peft_model`` needs of these modules' Grams, computed while their layer is loaded: the
+        directions (as many as this config can use) and spectra. ``calibrate_sequential(..., keep_grams=False)``
+        keeps these instead of the Grams (``r_max x (d_in + d_out)`` floats per module instead of ``d_in^2``)."""
+        modules = dict(model.named_modules())
+        shapes = {n: in_out_features(_base(modules[n])) for n in names}
+        return bases_as_statistics(module_bases(model, names, stats, config.damping, _score_depth(config, shapes)))
 
     @classmethod
     def fisher_plan(cls, model: nn.Module, config: BasisConfig, names: list[str], stats) -> FisherPlan | None:
