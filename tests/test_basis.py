@@ -3,7 +3,6 @@ merge/unmerge/disable, several adapters, save/reload, Trainer with checkpointing
 
 import math
 import os
-import socket
 import warnings
 
 import pytest
@@ -409,40 +408,6 @@ def test_trainer_with_gradient_checkpointing_checkpoints_and_resumes(tmp_path):
     resumed = run(4, resume=str(tmp_path / "full" / "checkpoint-2"), out="resumed")
     assert (_logits(resumed) - _logits(full)).abs().max() < 1e-5
     assert not torch.allclose(_logits(full), _logits(base))
-
-
-# ---- distributed Fisher ---------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fisher_worker(rank, port, out):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        stats = peft_basis.calibrate(tiny_llama(layers=1), BasisConfig(r=2, rank_allocation="fisher"),
-                                     token_batches(2)[rank::2], progress=False)
-        stats.save(os.path.join(out, f"rank{rank}.safetensors"))
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_fisher_scores_all_reduce_over_ranks(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_fisher_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    single = peft_basis.calibrate(tiny_llama(layers=1), BasisConfig(r=2, rank_allocation="fisher"), token_batches(2),
-                                  progress=False)
-    for r in range(2):
-        stats = CalibrationStatistics.load(str(tmp_path / f"rank{r}.safetensors"))
-        assert stats.meta["fisher_sequences"] == single.meta["fisher_sequences"] == 8
-        for k, v in single.extra.items():
-            torch.testing.assert_close(stats.extra[k], v, rtol=1e-3, atol=1e-9)
 
 
 # ---- the real model ---------------------------------------------------------------------------------------------
