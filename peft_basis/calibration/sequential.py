@@ -40,6 +40,7 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Iterable, Iterator
+from itertools import islice
 from dataclasses import dataclass, field
 
 import torch
@@ -285,11 +286,7 @@ def iter_layer_statistics(
     names = _tuner_cls(config).resolve_target_names(model, config)
     container_name, layers = _layers_container(model, names)
     runner, _ = _backbone(model, names)
-    batches = []
-    for i, b in enumerate(dataloader):
-        if max_batches is not None and i >= max_batches:
-            break
-        batches.append(b)
+    batches = list(islice(dataloader, max_batches))
     if not batches:
         raise CalibrationError("The dataloader yielded no batches. Pass at least one batch of `input_ids`.")
 
@@ -419,11 +416,8 @@ def calibrate_sequential(
                                           progress=progress, dtype=dtype, device=device, model=model):
             if summarise is not None:
                 summarise(model, item)
-            merged.grams.update(item.stats.grams)
-            merged.extra.update(item.stats.extra)
-            merged.tokens.update(item.stats.tokens)
-            merged.sources.update(item.stats.sources)
-        merged.meta["pipeline"] = "sequential"
+            merged.merge(item.stats)
+    merged.meta["pipeline"] = "sequential"
     if save_to is not None:
         merged.save(save_to)
     use_statistics(config, merged)

@@ -33,6 +33,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
+from itertools import islice
 
 import torch
 from torch import nn
@@ -146,11 +147,7 @@ def calibrate_sequential_fisher(
     plan_for = getattr(tuner_cls, "fisher_plan", None)
     if plan_for is None:
         raise TypeError(f"{type(config).__name__} computes no Fisher scores; use calibrate_sequential.")
-    batches = []
-    for i, b in enumerate(dataloader):
-        if max_batches is not None and i >= max_batches:
-            break
-        batches.append(b)
+    batches = list(islice(dataloader, max_batches))
     model = meta_model(model_path, dtype)
     names = tuner_cls.resolve_target_names(model, config)
     container_name, layers = _layers_container(model, names)
@@ -166,10 +163,7 @@ def calibrate_sequential_fisher(
                                           dtype=dtype, device=device, model=model, keep_inputs=True):
             if summarise is not None:
                 summarise(model, item)
-            merged.grams.update(item.stats.grams)
-            merged.extra.update(item.stats.extra)
-            merged.tokens.update(item.stats.tokens)
-            merged.sources.update(item.stats.sources)
+            merged.merge(item.stats)
             if item.targets:
                 plan = plan_for(model, config, list(item.targets), item.stats)
                 if plan is None:
@@ -197,10 +191,9 @@ def calibrate_sequential_fisher(
         with torch.enable_grad():
             for i in tqdm(reversed(range(len(layers))), total=len(layers), desc="fisher (backward)", unit="layer",
                           disable=not progress):
-                layer = layers[i]
-                materialize(layer, f"{layer_prefix}{i}.", ckpt, dtype, device)
+                layer, prefix = layers[i], f"{layer_prefix}{i}."
+                materialize(layer, prefix, ckpt, dtype, device)
                 ckpt.close()
-                prefix = f"{layer_prefix}{i}."
                 handles = [named[n].register_forward_hook(acc.hook) for n, acc in accs.items() if n.startswith(prefix)]
                 try:
                     for b, (args, kwargs) in enumerate(call_args):
@@ -226,7 +219,6 @@ def calibrate_sequential_fisher(
     scores = finish_fisher(accs, directions, named, plan.mode, n_seqs, n_tokens, device, merged, plan.key)
     for p in plans:
         p.store(merged, {n: scores[n] for n in p.directions})
-    merged.meta["pipeline"] = "sequential"
     return merged
 
 

@@ -63,6 +63,13 @@ class CalibrationStatistics:
         """Uncentred input covariance ``X^T X / N`` (what CorDA and BASIS whiten with)."""
         return self.gram(module_name) / max(self.num_tokens(module_name), 1)
 
+    def merge(self, other: "CalibrationStatistics") -> None:
+        """Take in the statistics of other modules (e.g. one more layer of the layer-sequential pipeline)."""
+        self.grams.update(other.grams)
+        self.extra.update(other.extra)
+        self.tokens.update(other.tokens)
+        self.sources.update(other.sources)
+
     def __contains__(self, module_name: str) -> bool:
         return module_name in self.sources
 

@@ -83,9 +83,6 @@ def module_bases(model: nn.Module, names: list[str], stats, damping: float, k: d
     return out
 
 
-BASIS_KEYS = ("basis_U", "basis_R", "basis_sigma2")
-
-
 def bases_as_statistics(bases: dict[str, ModuleBasis]) -> dict[str, torch.Tensor]:
     """``CalibrationStatistics.extra`` entries that stand in for the Grams (what ``calibrate_sequential(...,
     keep_grams=False)`` keeps): each module's leading directions and its whitened spectrum."""
@@ -241,6 +238,13 @@ def _score_depth(config: BasisConfig, shapes: dict[str, tuple[int, int]]) -> dic
     return {n: min(max(config.max_rank, config.r), *s) for n, s in shapes.items()}
 
 
+def _config_bases(model: nn.Module, config: BasisConfig, names: list[str], stats) -> dict[str, ModuleBasis]:
+    """The bases of ``names`` as deep as ``config`` can use them (what calibration scores and keeps)."""
+    modules = dict(model.named_modules())
+    shapes = {n: in_out_features(_base(modules[n])) for n in names}
+    return module_bases(model, names, stats, config.damping, _score_depth(config, shapes))
+
+
 def basis_allocation(model: nn.Module, config: BasisConfig, statistics=None) -> BasisAllocation:
     """The ranks (and scores) ``get_peft_model(model, config)`` would use, without building the adapter.
     ``statistics`` defaults to the ones ``calibrate`` attached to ``config``."""
@@ -298,9 +302,7 @@ class BasisModel(BasisTunerBase):
         """What ``get_peft_model`` needs of these modules' Grams, computed while their layer is loaded: the
         directions (as many as this config can use) and spectra. ``calibrate_sequential(..., keep_grams=False)``
         keeps these instead of the Grams (``r_max x (d_in + d_out)`` floats per module instead of ``d_in^2``)."""
-        modules = dict(model.named_modules())
-        shapes = {n: in_out_features(_base(modules[n])) for n in names}
-        return bases_as_statistics(module_bases(model, names, stats, config.damping, _score_depth(config, shapes)))
+        return bases_as_statistics(_config_bases(model, config, names, stats))
 
     @classmethod
     def fisher_plan(cls, model: nn.Module, config: BasisConfig, names: list[str], stats) -> FisherPlan | None:
@@ -309,9 +311,7 @@ class BasisModel(BasisTunerBase):
         ``calibrate`` (whole model) and ``calibrate_sequential`` (layer by layer, ``names`` one layer's)."""
         if not cls.needs_fisher(config):
             return None
-        modules = dict(model.named_modules())
-        shapes = {n: in_out_features(_base(modules[n])) for n in names}
-        bases = module_bases(model, names, stats, config.damping, _score_depth(config, shapes))
+        bases = _config_bases(model, config, names, stats)
         if config.trainable in ("core", "diagonal"):
             return FisherPlan({n: (b.U, b.R) for n, b in bases.items()}, "diagonal", "fisher",
                               meta={"fisher_max_rank": config.max_rank})
