@@ -160,7 +160,7 @@ def main():
     from peft import LoraConfig, get_peft_model
 
     import peft_basis  # noqa: F401
-    from peft_basis.calibration import atomic_write
+    from peft_basis.io import atomic_write_text
     from peft_basis.data import load_default_model, split_blocks
     from peft_basis.evaluation import perplexity
     from peft_basis.tuners.basel import BaselConfig, export_factorized, quantize_factors_8bit
@@ -178,7 +178,7 @@ def main():
            "runs": []}
 
     def save():
-        atomic_write(args.out + ".json", lambda p: open(p, "w").write(json.dumps(res, indent=1)))
+        atomic_write_text(args.out + ".json", json.dumps(res, indent=1))
         write_markdown(res, args.out + ".md")
 
     res["dense_ppl"] = perplexity(model, eval_blocks)

@@ -35,7 +35,7 @@ def worker(mode: str, model: str, out: str, ratio: float, data_file: str) -> dic
 
     import peft_basis  # noqa: F401
     from peft_basis.calibration import calibrate
-    from peft_basis.calibration.sequential import compress_sequential
+    from peft_basis import compress_sequential
     from peft_basis.lean import load_lean
     from peft_basis.tuners.shared_basis import SharedBasisConfig
 
@@ -53,7 +53,7 @@ def worker(mode: str, model: str, out: str, ratio: float, data_file: str) -> dic
     elif mode == "sequential":
         compress_sequential(model, SharedBasisConfig(compression_ratio=ratio), batches, out, progress=False)
     elif mode in ("fisher_whole", "fisher_sequential", "fisher_sequential_bases"):  # BASIS: Grams + Fisher scores
-        from peft_basis.calibration.sequential import calibrate_sequential
+        from peft_basis.calibration import calibrate_sequential
         from peft_basis.tuners.basis import BasisConfig
 
         config = BasisConfig(r=16, rank_allocation="fisher")
@@ -97,7 +97,7 @@ def run_worker(mode, model, out, ratio, data_file) -> dict:
 def deep_checkpoint(real_path: str, factor: int) -> str:
     from transformers import AutoConfig
 
-    from peft_basis.calibration.sequential import SafetensorsStreamWriter, meta_model
+    from peft_basis.io import SafetensorsStreamWriter, meta_model
 
     config = AutoConfig.from_pretrained(real_path)
     layers = config.num_hidden_layers * factor
@@ -241,7 +241,7 @@ def _measure_fisher(results, real, ratio, data_file) -> None:
 
 
 def _write(results: dict) -> None:
-    from peft_basis.calibration import atomic_write
+    from peft_basis.io import atomic_write
 
     os.makedirs(RESULTS, exist_ok=True)
 

@@ -380,14 +380,11 @@ def main(argv=None):
         result["quality"] = [r for r in old["quality"] if r["method"] not in rerun] + result["quality"]
         costed = {c["method"] for c in result["cost"]}
         result["cost"] = [c for c in old.get("cost", []) if c["method"] not in costed] + result["cost"]
-    from peft_basis.calibration import atomic_write
+    from peft_basis.io import atomic_write_text
 
     table = _fmt_table(result)
-    def write_text(text):
-        return lambda tmp: open(tmp, "w").write(text)
-
-    atomic_write(args.output + ".json", write_text(json.dumps(result, indent=2)))
-    atomic_write(args.output + ".md", write_text(
+    atomic_write_text(args.output + ".json", json.dumps(result, indent=2))
+    atomic_write_text(args.output + ".md", (
         f"# Basis Sharing on {result['model']}\n\nWritten by `benchmarks/shared_basis.py`.\n\n" + table))
     print(table)
     _plot_from_files(args.output)

@@ -4,14 +4,12 @@
 ``save_pretrained`` and ``PeftModel.from_pretrained`` work with them.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
-from . import hub  # noqa: E402  (model cards, push_to_hub, adapter type checks)
-from .calibration import CalibrationStatistics, calibrate, use_statistics  # noqa: E402
-from .calibration.sequential import calibrate_sequential, compress_sequential  # noqa: E402
-from .hub import AdapterTypeError, load_adapter, record_quality  # noqa: E402
+from .calibration import CalibrationStatistics, calibrate, calibrate_sequential, use_statistics  # noqa: E402
+from .compression import compress_sequential  # noqa: E402
+from .errors import AdapterTypeError, CalibrationError, CheckpointError  # noqa: E402
 from .lean import load_lean  # noqa: E402
-from .linalg import CalibrationError  # noqa: E402
 from .task_vectors import TaskVectorBasis, TaskVectorError  # noqa: E402
 from .tuners.basel import (  # noqa: E402
     BaselCallback,
@@ -22,6 +20,10 @@ from .tuners.basel import (  # noqa: E402
 )
 from .tuners.basis import BasisAllocation, BasisConfig, BasisModel, basis_allocation  # noqa: E402
 from .tuners.shared_basis import SharedBasisConfig, SharedBasisModel  # noqa: E402
+from . import hub  # noqa: E402  (model cards, push_to_hub, adapter type checks)
+from .hub import load_adapter, record_quality  # noqa: E402
+
+hub.install()  # model cards and push_to_hub for peft-basis adapters: PEFT's own calls, wrapped once
 
 __all__ = [
     "AdapterTypeError",
@@ -33,6 +35,7 @@ __all__ = [
     "BaselModel",
     "CalibrationError",
     "CalibrationStatistics",
+    "CheckpointError",
     "SharedBasisConfig",
     "SharedBasisModel",
     "TaskVectorBasis",

@@ -10,7 +10,8 @@ Adding a member to an existing ``Enum`` is not a public API. It needs the member
 ``_member_map_`` (name lookup), ``_value2member_map_`` (value lookup, used by
 ``PeftType("BASIS")`` when a config is read from JSON) and ``_member_names_``
 (iteration, used by ``name.upper() in list(PeftType)``). Checked on CPython 3.10-3.13;
-``tests/test_peft_type.py`` fails loudly if a future Python or PEFT changes that.
+``tests/test_foundation.py::test_peft_type_member_behaves_like_builtin_members`` fails loudly if a
+future Python or PEFT changes that.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-METHODS = {"basis": "BasisConfig", "basel": "BaselConfig", "shared_basis": "SharedBasisConfig"}
+CALIBRATE_CONFIGS = {"basis": "BasisConfig", "basel": "BaselConfig", "shared_basis": "SharedBasisConfig"}
 
 
 def build_calibrate_parser() -> argparse.ArgumentParser:
@@ -71,7 +71,7 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
                     "`peft_basis.use_statistics(config, path)` before `get_peft_model(model, config)`. With "
                     "--sequential the model is never whole in memory: one decoder layer at a time is read from the "
                     "checkpoint's safetensors shards (BASIS's Fisher scores included, by a backward sweep).")
-    p.add_argument("--method", choices=sorted(METHODS), default="basis")
+    p.add_argument("--method", choices=sorted(CALIBRATE_CONFIGS), default="basis")
     p.add_argument("--r", type=int, default=16, help="BASIS: rank (the budget is what uniform r costs)")
     p.add_argument("--rank-allocation", default=None,
                    help="BASIS: uniform | eigen | fisher (default fisher); Basis Sharing: uniform | global")
@@ -110,14 +110,14 @@ def run_calibrate(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     import peft_basis
-    from peft_basis.calibration.sequential import calibrate_sequential
+    from peft_basis.calibration import calibrate_sequential
     from peft_basis.data import default_model_path, load_model, load_text, token_blocks
     from peft_basis.evaluation import peak_rss_bytes
 
     try:
         config = _method_config(args)
     except (TypeError, ValueError) as e:
-        raise SystemExit(f"{METHODS[args.method]}: {e}") from None
+        raise SystemExit(f"{CALIBRATE_CONFIGS[args.method]}: {e}") from None
     if args.bases_only and not (args.sequential and args.method == "basis"):
         raise SystemExit("--bases-only applies to --method basis with --sequential.")
     model_path = args.model or default_model_path()
@@ -126,7 +126,7 @@ def run_calibrate(argv: list[str] | None = None) -> dict:
     batches = [blocks[i : i + args.batch_size] for i in range(0, blocks.shape[0], args.batch_size)]
     fisher = getattr(config, "rank_allocation", None) == "fisher"
     how = "layer by layer" if args.sequential else "whole model"
-    print(f"peft-basis {peft_basis.__version__}: {METHODS[args.method]} statistics of "
+    print(f"peft-basis {peft_basis.__version__}: {CALIBRATE_CONFIGS[args.method]} statistics of "
           f"{os.path.basename(os.path.normpath(model_path))} on {blocks.numel():,} tokens of {args.domain}, {how}"
           + (" (input Grams + Fisher scores)" if fisher else " (input Grams)"))
     t0 = time.perf_counter()
@@ -144,7 +144,7 @@ def run_calibrate(argv: list[str] | None = None) -> dict:
                                                "BASIS directions (no Grams)")
           + (f", Fisher scores for {n_fisher} modules" if n_fisher else "")
           + f"; {seconds:.1f} s, peak memory {_mb(result['peak_rss_bytes'])}")
-    print(f"saved to {args.output}; use with:\n  config = peft_basis.{METHODS[args.method]}(...)  # as above\n"
+    print(f"saved to {args.output}; use with:\n  config = peft_basis.{CALIBRATE_CONFIGS[args.method]}(...)  # as above\n"
           f"  peft_basis.use_statistics(config, {args.output!r}); peft_model = get_peft_model(model, config)")
     return result
 

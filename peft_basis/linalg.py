@@ -1,8 +1,22 @@
-"""The linear algebra every method shares: robust whitening, eigh, truncated (whitened) SVD.
+"""The linear algebra every method shares, once: robust whitening, the whitened factorisation of a
+weight (or of a group of weights sharing one input basis), canonical signs, calibration errors.
 
 Conventions: ``W`` is a weight as ``nn.Linear`` stores it, ``d_out x d_in`` (y = x W^T);
 ``G = X^T X`` is the Gram of the calibration inputs (``d_in x d_in``). All factorisations
 run in float64 (the Grams of real models span many orders of magnitude) and return float32.
+
+The factorisation of a group (:func:`factorize_group`) works on the SMALL side of the problem. With
+``W`` the members' weights stacked (``m x d_in``, ``m = n * d_out``) and ``G`` the group's input Gram,
+the whitened SVD of Basis Sharing / SVD-LLM (``W S^T = U Sigma V^T`` with ``S^T S = G``) has left
+singular vectors ``U`` that are the eigenvectors of ``W G W^T`` and the optimal rank-``k``
+approximation is the projection ``U_k U_k^T W``. So:
+
+- ``m <= d_in``: one ``eigh`` of ``W G W^T`` (``m x m``); no whitener, no inverse.
+- ``m > d_in``: a Cholesky factor ``G = L L^T`` (damped; robust eigendecomposition if Cholesky still
+  fails), one ``eigh`` of ``(W L)^T (W L)`` (``d_in x d_in``), ``U_k`` = orthonormalised ``W L V_k``.
+
+Either way the shared basis is ``U_k^T W`` (``k x d_in``, carries the scale) and each member's
+coefficient is its block of rows of ``U_k`` (orthonormal columns over the group).
 """
 
 from __future__ import annotations
@@ -13,6 +27,14 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+
+from .errors import CalibrationError
+
+__all__ = [
+    "DEFAULT_DAMPING", "CalibrationError", "GroupFactors", "Whitener", "WhitenerCache", "canonical_signs",
+    "check_finite_gram", "decomposition_threads", "factorize_group", "group_spectrum", "member_error",
+    "member_errors", "normalised_spectrum", "robust_eigh", "warn_if_rank_deficient", "whitened_svd",
+]
 
 # Eigenvalues of a Gram below DAMPING * mean(eigenvalue) are clamped up to it. Scale-free, so the
 # same value works for fp16 models, 100 or 10^6 tokens, and dead features (a zero row/column):
@@ -40,10 +62,6 @@ def decomposition_threads():
         yield
     finally:
         torch.set_num_threads(before)
-
-
-class CalibrationError(ValueError):
-    """Calibration statistics are missing, empty or not finite."""
 
 
 def check_finite_gram(gram: torch.Tensor, name: str = "module") -> None:
@@ -97,60 +115,44 @@ def robust_eigh(gram: torch.Tensor, damping: float = DEFAULT_DAMPING, name: str 
     return Whitener(lam.clamp_min(floor), q, clamped)
 
 
-def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``rank`` SVD ``U S Vh`` in float64."""
-    with decomposition_threads():
-        u, s, vh = torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
-    return u[:, :rank], s[:rank], vh[:rank]
+class WhitenerCache:
+    """One :func:`robust_eigh` per distinct input of ``stats`` (q/k/v of a layer share one), computed when first
+    asked for. ``covariance=True`` whitens ``X^T X / N`` (BASIS's scale) instead of the Gram itself; ``warn``
+    says when the calibration tokens span less than half of an input's dimensions."""
+
+    def __init__(self, stats, damping: float = DEFAULT_DAMPING, covariance: bool = False, warn: bool = False):
+        self.stats, self.damping, self.covariance, self.warn = stats, damping, covariance, warn
+        self._cache: dict[str, Whitener] = {}
+
+    def __call__(self, module_name: str) -> Whitener:
+        key = self.stats.sources[module_name]
+        if key not in self._cache:
+            gram = self.stats.covariance(module_name) if self.covariance else self.stats.grams[key]
+            self._cache[key] = robust_eigh(gram, self.damping, name=module_name)
+            if self.warn:
+                warn_if_rank_deficient(self._cache[key], module_name, self.stats.num_tokens(module_name))
+        return self._cache[key]
 
 
-@dataclass
-class WhitenedFactors:
-    """``W_i ~ coefficients_i @ basis`` for every weight in a group.
-
-    ``basis`` is ``k x d_in`` (shared input-side basis, the paper's ``B^T``), each coefficient
-    ``d_out_i x k`` (the paper's ``C_i^T``), ``singular_values`` the whitened spectrum (all of it,
-    for rank decisions), ``errors`` each weight's calibration output error
-    ``||(W_i - W_i_hat) S^T||_F^2`` measured with the group whitener.
-    """
-
-    basis: torch.Tensor
-    coefficients: list[torch.Tensor]
-    singular_values: torch.Tensor
+def canonical_signs(u: torch.Tensor) -> torch.Tensor:
+    """Per column of ``u``, the sign that makes its largest-magnitude entry positive (zero columns: +1), so the
+    same inputs give the same factors on any path."""
+    idx = u.abs().argmax(dim=0)
+    sign = torch.sign(u[idx, torch.arange(u.shape[1], device=u.device)])
+    sign[sign == 0] = 1
+    return sign
 
 
-def whitened_svd(weights: list[torch.Tensor], whitener: Whitener | None, rank: int) -> WhitenedFactors:
-    """Truncated SVD of ``[W_1; ...; W_n] S^T`` (one basis shared by all the weights).
-
-    With ``whitener=None`` this is plain SVD of the stacked weights (the data-free fallback).
-    Minimises ``sum_i ||(W_i - W_i_hat) X^T||_F^2`` over rank-``rank`` factorisations whose
-    input side is shared, where ``X^T X`` is the Gram behind the whitener.
-    """
-    stacked = torch.cat([w.detach().to(torch.float64) for w in weights], dim=0)
-    max_rank = min(stacked.shape)
-    if not 0 < rank <= max_rank:
-        raise ValueError(f"rank {rank} is outside [1, {max_rank}] for a stacked weight of shape {tuple(stacked.shape)}")
-    target = stacked if whitener is None else stacked @ whitener.matrix.T
-    with decomposition_threads():
-        u, s, vh = torch.linalg.svd(target, full_matrices=False)
-    basis = vh[:rank] if whitener is None else vh[:rank] @ whitener.inverse.T
-    left = u[:, :rank] * s[:rank]
-    coefficients = list(torch.split(left, [w.shape[0] for w in weights], dim=0))
-    return WhitenedFactors(
-        basis=basis.to(torch.float32),
-        coefficients=[c.to(torch.float32).contiguous() for c in coefficients],
-        singular_values=s.to(torch.float32),
-    )
-
-
-def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
-    """Calibration output error ``tr((W - W_hat) G (W - W_hat)^T)``, relative to ``tr(W G W^T)``."""
-    d = weight.detach().to(torch.float64) - approx.detach().to(torch.float64)
-    g = gram.detach().to(torch.float64)
+def whitened_svd(weight: torch.Tensor, whitener: Whitener | None, rank: int | None = None):
+    """``W = U diag(s) R`` with ``U^T U = I`` and ``R G R^T = I`` (``G`` the whitener's Gram): the SVD of
+    ``W S^T`` with the input side un-whitened. Returns ``U[:, :rank]``, the whole spectrum ``s`` and
+    ``R[:rank]``, float64; ``whitener=None``: the plain SVD of ``W``."""
     w = weight.detach().to(torch.float64)
-    num = torch.einsum("oi,ij,oj->", d, g, d)
-    den = torch.einsum("oi,ij,oj->", w, g, w)
-    return float(num / den.clamp_min(1e-300))
+    with decomposition_threads():
+        u, s, vh = torch.linalg.svd(w if whitener is None else w @ whitener.matrix.T, full_matrices=False)
+    rank = len(s) if rank is None else rank
+    r = vh[:rank] if whitener is None else vh[:rank] @ whitener.inverse.T
+    return u[:, :rank], s, r
 
 
 def warn_if_rank_deficient(whitener: Whitener, name: str, tokens: int) -> None:
@@ -162,3 +164,141 @@ def warn_if_rank_deficient(whitener: Whitener, name: str, tokens: int) -> None:
             f"(at least {4 * n} for this module).",
             stacklevel=3,
         )
+
+
+# ---- the whitened factorisation of a group of weights sharing one input basis ------------------------
+@dataclass
+class GroupFactors:
+    """``W_i ~ coefficients[i] @ basis`` for every member. ``eigenvalues``: the whole whitened spectrum
+    (squared singular values of ``W S^T``, descending, float64), for rank decisions and errors."""
+
+    basis: torch.Tensor  # k x d_in, float32
+    coefficients: list[torch.Tensor]  # d_out_i x k, float32
+    eigenvalues: torch.Tensor
+
+    def truncate(self, rank: int) -> "GroupFactors":
+        if rank == self.basis.shape[0]:
+            return self
+        return GroupFactors(self.basis[:rank].contiguous(), [c[:, :rank].contiguous() for c in self.coefficients],
+                            self.eigenvalues)
+
+
+def _damped_gram(gram: torch.Tensor, damping: float, name: str) -> torch.Tensor:
+    """``G + damping * mean(eigenvalue) * I`` in float64 (the mean eigenvalue is ``trace / d``)."""
+    check_finite_gram(gram, name)
+    g = gram.detach().to(torch.float64)  # symmetric: the engine mirrors the triangle it accumulates
+    if g is gram:
+        g = g.clone()
+    floor = damping * float(g.diagonal().sum()) / g.shape[0]
+    if floor <= 0:
+        raise CalibrationError(
+            f"The calibration Gram of {name} is all zeros: no calibration token reached it. Check that the dataloader "
+            "yields non-empty `input_ids` and that the module is used in the forward pass."
+        )
+    g.diagonal().add_(floor)
+    return g
+
+
+def _input_factor(gram64: torch.Tensor, damping: float, name: str) -> torch.Tensor:
+    """``L`` with ``L L^T = G`` (damped): Cholesky, or the robust eigendecomposition where Cholesky fails
+    (fp32 accumulation can leave eigenvalues below the damping floor negative)."""
+    with decomposition_threads():
+        chol, info = torch.linalg.cholesky_ex(gram64)
+    if int(info) == 0:
+        return chol
+    w = robust_eigh(gram64, damping, name=name)
+    return w.eigenvectors * w.eigenvalues.sqrt()[None, :]  # Q diag(sqrt(lam)): L L^T = G (clamped)
+
+
+def _small_side(stacked: torch.Tensor, gram: torch.Tensor | None, damping: float, name: str):
+    """(side, matrix, L): the symmetric matrix whose eigenvectors give the factors."""
+    m, d = stacked.shape
+    if gram is None:  # data-free: plain SVD of the stacked weights
+        return ("out", stacked @ stacked.T, None) if m <= d else ("in", stacked.T @ stacked, None)
+    g = _damped_gram(gram, damping, name)
+    if m <= d:
+        return "out", (stacked @ g) @ stacked.T, None
+    L = _input_factor(g, damping, name)
+    t = stacked @ L
+    return "in", t.T @ t, t
+
+
+def group_spectrum(weights: list[torch.Tensor], gram: torch.Tensor | None, damping: float = DEFAULT_DAMPING,
+                   name: str = "module") -> torch.Tensor:
+    """The whitened spectrum of a group (squared singular values of ``[W_1; ...; W_n] S^T``, descending,
+    float64), from ``eigvalsh`` alone."""
+    stacked = torch.cat([w.detach().to(torch.float64) for w in weights], dim=0)
+    _, mat, _ = _small_side(stacked, gram, damping, name)
+    with decomposition_threads():
+        return torch.linalg.eigvalsh(mat).flip(0).clamp_min(0)
+
+
+def factorize_group(weights: list[torch.Tensor], gram: torch.Tensor | None, rank: int,
+                    damping: float = DEFAULT_DAMPING, name: str = "module") -> GroupFactors:
+    """Rank-``rank`` factors with one input-side basis shared by ``weights`` (each ``d_out x d_in``),
+    minimising ``sum_i ||(W_i - C_i B) X^T||_F^2`` where ``X^T X = gram`` (the group's summed input
+    Gram; ``None``: plain SVD). Deterministic signs (each basis direction's largest coefficient entry is
+    positive), so the same inputs give the same tensors on any path (whole model or layer by layer)."""
+    stacked = torch.cat([w.detach().to(torch.float64) for w in weights], dim=0)
+    max_rank = min(stacked.shape)
+    if not 0 < rank <= max_rank:
+        raise ValueError(f"rank {rank} is outside [1, {max_rank}] for a stacked weight of shape {tuple(stacked.shape)}")
+    side, mat, t = _small_side(stacked, gram, damping, name)
+    with decomposition_threads():
+        lam, vec = torch.linalg.eigh(mat)  # reads one triangle: no symmetrising needed
+    lam, vec = lam.flip(0).clamp_min(0), vec.flip(1)
+    if side == "out":
+        u = vec[:, :rank]
+    else:
+        # U_k Sigma_k = (W L) V_k; directions with sigma ~ 0 carry nothing and get a zero column
+        sigma = lam[:rank].sqrt()
+        keep = sigma > sigma[0] * 1e-12 if rank else sigma > 0
+        u = ((stacked if t is None else t) @ vec[:, :rank]) / torch.where(keep, sigma, torch.ones_like(sigma))
+        u = u * keep
+    u = u * canonical_signs(u)[None, :]
+    basis = u.T @ stacked
+    coefficients = torch.split(u, [w.shape[0] for w in weights], dim=0)
+    return GroupFactors(basis.to(torch.float32), [c.to(torch.float32).contiguous() for c in coefficients], lam)
+
+
+def member_error(weight: torch.Tensor, coefficient: torch.Tensor, basis: torch.Tensor, gram: torch.Tensor,
+                 relative: bool = True) -> float:
+    """Calibration output error ``tr(D G D^T)`` of one member (``D = W - C B``), relative to ``tr(W G W^T)``."""
+    w = weight.detach().to(torch.float64)
+    g = gram.detach().to(torch.float64)
+    d = w - coefficient.to(torch.float64) @ basis.to(torch.float64)
+    num = float(((d @ g) * d).sum())
+    if not relative:
+        return num
+    return num / max(float(((w @ g) * w).sum()), 1e-300)
+
+
+def member_errors(weight: torch.Tensor, coefficient: torch.Tensor, basis: torch.Tensor, gram: torch.Tensor | None,
+                  ranks: list[int]) -> tuple[list[float], float]:
+    """Absolute calibration output errors ``tr(D_k G D_k^T)`` of one member at each rank ``k`` in ``ranks``
+    (``D_k = W - C[:, :k] B[:k]``; ``gram=None``: Frobenius), and the reference ``tr(W G W^T)``. One
+    ``D G`` product at the lowest rank; each further direction is a rank-one update."""
+    w = weight.detach().to(torch.float64)
+    c, b = coefficient.to(torch.float64), basis.to(torch.float64)
+    g = None if gram is None else gram.detach().to(torch.float64)
+    lo = min(ranks)
+    wg = w if g is None else w @ g
+    bg = b[:lo] if g is None else b[:lo] @ g
+    dg = wg - c[:, :lo] @ bg  # (W - C B) G without a second d_out x d_in x d_in product
+    d = w - c[:, :lo] @ b[:lo]
+    err = float((dg * d).sum())
+    out = {lo: err}
+    for k in range(lo, max(ranks)):
+        u, v = c[:, k], b[k]
+        vg = v if g is None else g @ v
+        # D' = D - u v^T: tr(D' G D'^T) = tr(D G D^T) - 2 u^T D G v + |u|^2 v^T G v;  D' G = D G - u (G v)^T
+        err = err - 2 * float(u @ (dg @ v)) + float(u @ u) * float(v @ vg)
+        dg = dg - torch.outer(u, vg)
+        out[k + 1] = err
+    ref = float((wg * w).sum())
+    return [max(out[k], 0.0) for k in ranks], ref
+
+
+def normalised_spectrum(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """The relative calibration error each direction removes (the whitened spectrum summing to 1)."""
+    return eigenvalues / eigenvalues.sum().clamp_min(1e-300)

@@ -12,8 +12,9 @@ from transformers.pytorch_utils import Conv1D
 
 import peft_basis
 from peft_basis.calibration import CalibrationStatistics
-from peft_basis.calibration.fisher import collect_fisher, fisher_key
-from peft_basis.linalg import CalibrationError
+from peft_basis.calibration.fisher import fisher_key
+from peft_basis.calibration.pipelines.whole_model import collect_fisher
+from peft_basis.errors import CalibrationError
 from peft_basis.modules import in_out_features, linear_weight
 from peft_basis.tuners.basis import BasisConfig, BasisLayer, basis_allocation, module_bases
 
@@ -362,7 +363,7 @@ def test_gpt2_conv1d_merges_saves_and_reloads(tmp_path):
 
 
 def test_statistics_from_calibrate_sequential_build_the_same_adapter(tmp_path):
-    from peft_basis.calibration.sequential import calibrate_sequential
+    from peft_basis.calibration import calibrate_sequential
 
     base = tiny_llama(layers=2)
     base.save_pretrained(tmp_path / "ckpt")

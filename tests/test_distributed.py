@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from peft_basis.calibration import CalibrationStatistics, calibrate
-from peft_basis.calibration.sequential import calibrate_sequential, compress_sequential
+from peft_basis import calibrate_sequential, compress_sequential
 from peft_basis.tuners.basis import BasisConfig
 from peft_basis.tuners.shared_basis import SharedBasisConfig
 

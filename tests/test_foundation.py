@@ -12,7 +12,7 @@ from peft_basis import CalibrationError, CalibrationStatistics, SharedBasisConfi
 from peft_basis._peft_type import add_peft_type, register
 from peft_basis.budget import greedy_allocate, max_profitable_rank, rank_for_ratio
 from peft_basis.calibration import accumulate_gram, symmetrize
-from peft_basis.linalg import output_error, robust_eigh, whitened_svd
+from peft_basis.linalg import factorize_group, member_error, robust_eigh, whitened_svd
 
 from .models import tiny_gpt2, tiny_llama, token_batches
 
@@ -113,22 +113,27 @@ def test_whitening_survives_rank_deficient_and_dead_feature_grams():
     s, s_inv = w.matrix, w.inverse
     torch.testing.assert_close(s @ s_inv, torch.eye(32, dtype=torch.float64), atol=1e-6, rtol=0)
     weight = torch.randn(16, 32)
-    f = whitened_svd([weight], w, rank=5)  # rank = data rank: the calibration outputs are reproduced exactly
-    approx = f.coefficients[0] @ f.basis
-    assert output_error(weight, approx, gram) < 1e-6
-    assert torch.isfinite(approx).all()
+    f = factorize_group([weight], gram, rank=5)  # rank = data rank: the calibration outputs are reproduced exactly
+    assert member_error(weight, f.coefficients[0], f.basis, gram) < 1e-6
+    assert torch.isfinite(f.coefficients[0] @ f.basis).all()
+    # the single-weight whitened SVD (BASIS, Basel): W = U diag(s) R exactly, U orthonormal, R G R^T = I
+    u, sv, r = whitened_svd(weight, w)
+    torch.testing.assert_close(u @ torch.diag(sv) @ r, weight.double(), atol=1e-8, rtol=0)
+    torch.testing.assert_close(u.T @ u, torch.eye(16, dtype=torch.float64), atol=1e-8, rtol=0)
+    damped = w.eigenvectors @ torch.diag(w.eigenvalues) @ w.eigenvectors.T
+    torch.testing.assert_close(r @ damped @ r.T, torch.eye(16, dtype=torch.float64), atol=1e-6, rtol=0)
 
 
-def test_whitened_svd_beats_plain_svd_on_calibration_outputs():
+def test_whitened_factorisation_beats_plain_svd_on_calibration_outputs():
     torch.manual_seed(0)
     mix = torch.randn(32, 32) * torch.logspace(0, -2, 32)  # anisotropic inputs, like real activations
     x = torch.randn(400, 32) @ mix
     gram = x.T @ x
     weight = torch.randn(24, 32)
-    white = whitened_svd([weight], robust_eigh(gram), rank=8)
-    plain = whitened_svd([weight], None, rank=8)
-    e_white = output_error(weight, white.coefficients[0] @ white.basis, gram)
-    e_plain = output_error(weight, plain.coefficients[0] @ plain.basis, gram)
+    white = factorize_group([weight], gram, rank=8)
+    plain = factorize_group([weight], None, rank=8)
+    e_white = member_error(weight, white.coefficients[0], white.basis, gram)
+    e_plain = member_error(weight, plain.coefficients[0], plain.basis, gram)
     assert e_white < 0.5 * e_plain
 
 

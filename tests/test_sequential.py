@@ -11,15 +11,12 @@ from transformers import AutoModelForCausalLM
 
 import peft_basis  # noqa: F401
 from peft_basis.calibration import calibrate
-from peft_basis.calibration.sequential import (
-    SafetensorsStreamWriter,
-    ShardedCheckpoint,
-    compress_sequential,
-    iter_layer_statistics,
-)
+from peft_basis import compress_sequential
+from peft_basis.calibration.pipelines import LayerHandler, LayerSequentialPipeline
+from peft_basis.io import SafetensorsStreamWriter, ShardedCheckpoint
 from peft_basis.evaluation import count_parameters
 from peft_basis.lean import load_lean
-from peft_basis.tuners.shared_basis import SharedBasisConfig
+from peft_basis.tuners.shared_basis import SharedBasisConfig, SharedBasisModel
 
 from .models import BUILDERS, tiny_llama, token_batches
 
@@ -53,6 +50,25 @@ def assert_same_adapter(whole_dir, seq_dir, atol=1e-5):
 
 
 SLOW = pytest.mark.slow
+
+
+def layer_events(path, config, data):
+    """What a LayerHandler is handed per layer, recorded (stats, targets, index, and whether the layer was real)."""
+
+    class Record(LayerHandler):
+        def __init__(self):
+            self.items = []
+
+        def on_layer_calibrated(self, layer):
+            assert all(p.device.type != "meta" for p in layer.layer.parameters())  # onloaded while handed over
+            self.items.append(layer)
+
+        def on_end(self):
+            return self.items
+
+    pipeline = LayerSequentialPipeline(path, lambda m: SharedBasisModel.resolve_target_names(m, config), data,
+                                       progress=False)
+    return pipeline.run(Record())
 
 
 @pytest.mark.parametrize("arch,allocation", [("llama", "uniform"), pytest.param("llama", "global", marks=SLOW),
@@ -92,11 +108,8 @@ def test_layer_grams_equal_whole_model_grams_and_qkv_share_one(tmp_path):
     config = SharedBasisConfig()
     whole = calibrate(base, config, data, progress=False)
     seen_layers = []
-    for item in iter_layer_statistics(path, SharedBasisConfig(), data, progress=False):
-        seen_layers.append(item.index)
-        # one decoder layer in memory: the others (and the embeddings) are on the meta device
-        model_layers = item.layer  # the yielded one is real
-        assert all(p.device.type != "meta" for p in model_layers.parameters())
+    for item in layer_events(path, SharedBasisConfig(), data):
+        seen_layers.append(item.index)  # (layer_events checks the handed layer was real, the others meta)
         s = item.stats
         q, k, v = (f"model.layers.{item.index}.self_attn.{n}_proj" for n in "qkv")
         assert s.sources[k] == s.sources[q] == s.sources[v] == q  # q/k/v read one tensor: one Gram
@@ -110,13 +123,26 @@ def test_layer_grams_equal_whole_model_grams_and_qkv_share_one(tmp_path):
 
 def test_only_the_current_layer_is_materialised(tmp_path):
     path = save_checkpoint(tiny_llama(layers=4), tmp_path / "base")
-    from peft_basis.calibration.sequential import meta_model
 
-    model = meta_model(path)
-    for item in iter_layer_statistics(path, SharedBasisConfig(), token_batches(1), progress=False, model=model):
-        real = {i for i, layer in enumerate(model.model.layers) if any(p.device.type != "meta" for p in layer.parameters())}
-        assert real == {item.index}
-        assert model.model.embed_tokens.weight.device.type == "meta"  # embeddings freed after the first pass
+    class Check(LayerHandler):
+        def on_start(self, run):
+            self.model, self.seen = run.model, []
+
+        def on_layer_calibrated(self, layer):
+            model = self.model
+            real = {i for i, lay in enumerate(model.model.layers) if any(p.device.type != "meta" for p in lay.parameters())}
+            assert real == {layer.index}
+            assert model.model.embed_tokens.weight.device.type == "meta"  # embeddings freed after the first pass
+            self.seen.append(layer.index)
+
+        def on_end(self):
+            return self.model, self.seen
+
+    config = SharedBasisConfig()
+    pipeline = LayerSequentialPipeline(path, lambda m: SharedBasisModel.resolve_target_names(m, config),
+                                       token_batches(1), progress=False)
+    model, seen = pipeline.run(Check())
+    assert seen == [0, 1, 2, 3]
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
@@ -126,7 +152,7 @@ def test_unsupported_settings_fail_with_the_fix(tmp_path):
         compress_sequential(path, SharedBasisConfig(group_size="auto"), token_batches(1), str(tmp_path / "o"))
     from peft import LoraConfig
 
-    with pytest.raises(TypeError, match="supports SharedBasisConfig.*iter_layer_statistics"):
+    with pytest.raises(TypeError, match="not a peft-basis method"):
         compress_sequential(path, LoraConfig(), token_batches(1), str(tmp_path / "o"))
     with pytest.raises(FileNotFoundError, match="safetensors"):
         ShardedCheckpoint(str(tmp_path))
@@ -180,7 +206,7 @@ def test_lean_loading_never_reads_replaced_weights(arch, tmp_path, monkeypatch):
 
 def test_calibrate_sequential_attaches_the_whole_model_statistics(tmp_path):
     from peft_basis.calibration import CalibrationStatistics
-    from peft_basis.calibration.sequential import calibrate_sequential
+    from peft_basis.calibration import calibrate_sequential
 
     base = tiny_llama(layers=2)
     path = save_checkpoint(base, tmp_path / "base")
@@ -226,7 +252,7 @@ def test_sequential_on_cuda_matches_the_cpu_whole_model_path(tmp_path):
 
 def test_calibrate_sequential_feeds_basel_whitened_init(tmp_path):
     basel = pytest.importorskip("peft_basis.tuners.basel")
-    from peft_basis.calibration.sequential import calibrate_sequential
+    from peft_basis.calibration import calibrate_sequential
 
     base = tiny_llama(layers=2)
     path = save_checkpoint(base, tmp_path / "base")
@@ -288,7 +314,7 @@ def test_compressed_inputs_refuse_what_needs_later_layers(tmp_path):
 @pytest.mark.parametrize("arch,trainable,activations", [("llama", "output", "disk"), ("gpt2", "core", "memory"),
                                                         pytest.param("opt", "input", "disk", marks=SLOW)])
 def test_layer_by_layer_fisher_equals_the_whole_model_fisher(tmp_path, arch, trainable, activations):
-    from peft_basis.calibration.sequential import calibrate_sequential
+    from peft_basis.calibration import calibrate_sequential
     from peft_basis.tuners.basis import BasisConfig, basis_allocation
 
     base = BUILDERS[arch](layers=3)
@@ -317,8 +343,8 @@ def test_layer_by_layer_fisher_equals_the_whole_model_fisher(tmp_path, arch, tra
 
 
 def test_layer_by_layer_fisher_errors(tmp_path):
-    from peft_basis.calibration.sequential import calibrate_sequential
-    from peft_basis.linalg import CalibrationError
+    from peft_basis.calibration import calibrate_sequential
+    from peft_basis.errors import CalibrationError
     from peft_basis.tuners.basis import BasisConfig
 
     path = save_checkpoint(tiny_llama(layers=2), tmp_path / "ckpt")
@@ -376,8 +402,8 @@ def test_lean_loading_refuses_an_adapter_that_replaces_nothing(tmp_path):
 def test_basis_statistics_without_grams_build_the_whole_model_adapter(allocation, tmp_path):
     """keep_grams=False: each layer's Grams become BASIS's directions while the layer is loaded; the adapter
     built from them equals the one built from calibrate's Grams, and a config needing more directions is told."""
-    from peft_basis.calibration.sequential import calibrate_sequential
-    from peft_basis.linalg import CalibrationError
+    from peft_basis.calibration import calibrate_sequential
+    from peft_basis.errors import CalibrationError
     from peft_basis.tuners.basis import BasisConfig
 
     base = tiny_llama(layers=2)

@@ -19,37 +19,32 @@ Two modes, per module, for ``U`` (``d_out x k``) and ``R`` (``k x d_in``, rows a
   identity, so ``full`` with both ``None`` is the elementwise empirical Fisher of ``W`` (it forms one
   ``d_out x d_in`` gradient per sequence: use it only where that is cheap).
 
-What it costs: one forward AND one backward pass per batch through the whole model (about 3x the
-forward-only Gram pass), plus the projections. No parameter gradient is formed (every parameter is
-frozen for the pass; gradients flow from a ``requires_grad`` on the input embeddings' output), and
-each hooked module keeps its projected inputs ``tokens x k`` until its backward runs. Under
-``torch.distributed`` each rank passes its own shard and the scores are all-reduced. The layer-
-sequential pipeline (:func:`~peft_basis.calibration.sequential.calibrate_sequential`) cannot compute
-these: ``delta_t`` depends on every later layer.
+This module holds the arithmetic (hooks and accumulators); the pipelines run the backward passes:
+the whole-model one (:func:`~peft_basis.calibration.pipelines.whole_model.collect_fisher`: one forward
+AND one backward pass per batch, about 3x the forward-only Gram pass) and the layer-sequential one
+(its backward sweep, :mod:`peft_basis.calibration.pipelines.backward`). No parameter gradient is formed,
+and each hooked module keeps its projected inputs ``tokens x k`` until its backward runs. Under
+``torch.distributed`` each rank passes its own shard and the scores are all-reduced.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..linalg import CalibrationError
+from ..errors import CalibrationError
 from ..modules import in_out_features
-from .engine import batch_to_kwargs, model_device
 from .statistics import CalibrationStatistics
 
-__all__ = ["FisherPlan", "collect_fisher", "fisher_key"]
+__all__ = ["FisherPlan", "accumulators", "batch_labels", "finish_fisher", "fisher_key", "sequence_loss"]
 
 MODES = ("diagonal", "full")
 
 
 def fisher_key(module_name: str, key: str = "fisher") -> str:
-    """Where :func:`collect_fisher` stores a module's scores in ``CalibrationStatistics.extra``."""
+    """Where the Fisher passes store a module's scores in ``CalibrationStatistics.extra``."""
     return f"{key}/{module_name}"
 
 
@@ -117,77 +112,6 @@ def _seq_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
                                       ignore_index=-100, reduction="none").view(shift_labels.shape)
     counts = (shift_labels != -100).sum(1)
     return nll.sum(1), counts
-
-
-def collect_fisher(
-    model: nn.Module,
-    directions: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]],
-    dataloader: Iterable,
-    *,
-    mode: str = "diagonal",
-    max_batches: int | None = None,
-    progress: bool = True,
-    stats: CalibrationStatistics | None = None,
-    key: str = "fisher",
-) -> dict[str, torch.Tensor]:
-    """Empirical Fisher scores of the given directions of every module in ``directions``
-    (``name -> (U, R)``, ``U`` ``d_out x k`` or None, ``R`` ``k x d_in`` or None; see the module doc).
-
-    Batches as for ``calibrate``; ``labels`` are used when present (``-100`` = ignored), otherwise the
-    ``input_ids`` (padding masked by ``attention_mask``). Returns ``name -> float32 scores`` (mean over
-    the sequences that have at least one labelled token) and, with ``stats``, stores them in
-    ``stats.extra[fisher_key(name, key)]`` with the sequence count in ``stats.meta[key + "_sequences"]``,
-    so they are saved and loaded with the rest of the statistics.
-    """
-    named = dict(model.named_modules())
-    missing = [n for n in directions if n not in named]
-    if missing:
-        raise ValueError(f"collect_fisher: modules not found in the model: {missing[:5]}")
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is None:
-        raise ValueError("collect_fisher needs a model with `get_input_embeddings()` (a transformers model).")
-    device = model_device(model)
-    accs = accumulators(directions, mode, device)
-
-    def embed_hook(module, args, output):
-        return output.requires_grad_(True) if not output.requires_grad else output
-
-    total = len(dataloader) if hasattr(dataloader, "__len__") else None
-    if max_batches is not None and total is not None:
-        total = min(total, max_batches)
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    model.eval()
-    n_seqs, n_batches, n_labelled_tokens = 0, 0, 0
-    try:
-        for p in flags:
-            p.requires_grad_(False)
-        with ExitStack() as stack, torch.enable_grad():
-            handles = [embeddings.register_forward_hook(embed_hook)]
-            handles += [named[n].register_forward_hook(acc.hook) for n, acc in accs.items()]
-            stack.callback(lambda: [h.remove() for h in handles])
-            for batch in tqdm(dataloader, total=total, desc="fisher", unit="batch", disable=not progress):
-                if max_batches is not None and n_batches >= max_batches:
-                    break
-                n_batches += 1
-                kwargs = batch_to_kwargs(batch, device)
-                labels = batch_labels(kwargs)
-                if labels is None:
-                    continue
-                # sum over sequences of each one's mean NLL: a sequence without labelled tokens adds nothing
-                out = model(**kwargs, use_cache=False)
-                loss, seqs, tokens = sequence_loss(out.logits, labels)
-                loss.backward()
-                n_seqs += seqs
-                n_labelled_tokens += tokens
-                del out, loss
-    finally:
-        for p, f in flags.items():
-            p.requires_grad_(f)
-        model.train(was_training)
-    if n_batches == 0:
-        raise CalibrationError("Fisher scores: the dataloader yielded no batches. Pass at least one batch of `input_ids`.")
-    return finish_fisher(accs, directions, named, mode, n_seqs, n_labelled_tokens, device, stats, key)
 
 
 def batch_labels(kwargs: dict) -> torch.Tensor | None:

@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..linalg import CalibrationError, check_finite_gram
+from ..errors import CalibrationError
+from ..io import atomic_write, atomic_write_text
+from ..linalg import check_finite_gram
 
 FORMAT_VERSION = 1
-
-
-def atomic_write(path: str, write) -> None:
-    """Call ``write(tmp_path)`` then rename into place, so a crash never leaves a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 @dataclass
@@ -143,12 +129,11 @@ class CalibrationStatistics:
         returns the ``CommitInfo``. Reload with :meth:`from_pretrained`."""
         import tempfile
 
-        from ..hub import upload_folder_to_hub
+        from ..io.hub_files import upload_folder_to_hub
 
         with tempfile.TemporaryDirectory() as tmp:
             self.save(os.path.join(tmp, self.FILENAME))
-            readme = _stats_card(self)
-            atomic_write(os.path.join(tmp, "README.md"), lambda p: open(p, "w").write(readme))
+            atomic_write_text(os.path.join(tmp, "README.md"), _stats_card(self))
             return upload_folder_to_hub(tmp, repo_id, private=private, token=token, revision=revision,
                                         subfolder=subfolder, commit_message=commit_message)
 
@@ -172,7 +157,7 @@ class CalibrationStatistics:
 
 
 def _stats_card(stats: "CalibrationStatistics") -> str:
-    from .. import __version__
+    from .._version import __version__
 
     tokens = max(stats.tokens.values()) if stats.tokens else 0
     return (

@@ -5,10 +5,9 @@ adapters) compressed into M basis vectors that can be added, negated and recover
     tvb = TaskVectorBasis.from_models(base, [ft_1, ft_2, ...], method="pca", num_bases=2, task_names=[...])
 """
 
-from .basis import ALPHA_GRID, TaskVectorBasis, apply_delta
+from ..errors import TaskVectorError
+from .basis import ALPHA_GRID, TaskVectorBasis, apply_delta, from_legacy
 from .export import lowrank_factors, write_lora
-from .legacy import from_legacy
-from .sources import TaskVectorError
 
 __all__ = ["ALPHA_GRID", "TaskVectorBasis", "TaskVectorError", "apply_delta", "from_legacy", "lowrank_factors",
            "write_lora"]

@@ -19,9 +19,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..calibration import atomic_write
+from ..errors import TaskVectorError
+from ..io import atomic_write_text, save_streaming
+from .legacy import is_legacy_folder, read_legacy
 from .methods import DEFAULT_CHUNK, accumulate_gram, ae_factors, build_bases, pca_factors
-from .sources import DeltaReader, TaskVectorError, resolve_path
+from .sources import DeltaReader, resolve_path
 
 WEIGHTS_NAME = "task_vector_basis.safetensors"
 CONFIG_NAME = "task_vector_basis.json"
@@ -235,9 +237,8 @@ class TaskVectorBasis:
                 "keys": self.keys, "shapes": {k: list(v.shape[1:]) for k, v in self.bases.items()},
                 "dtype": str(next(iter(self.bases.values())).dtype).replace("torch.", ""),
                 "storage": self.storage(), "info": _jsonable(self.info)}
-        atomic_write(os.path.join(save_directory, WEIGHTS_NAME), lambda p: save_streaming(tensors, p, {"format": "pt"}))
-        atomic_write(os.path.join(save_directory, CONFIG_NAME),
-                     lambda p: open(p, "w").write(json.dumps(meta, indent=2)))
+        save_streaming(tensors, os.path.join(save_directory, WEIGHTS_NAME), {"format": "pt"})
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(meta, indent=2))
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, *, revision: str | None = None, subfolder: str | None = None,
@@ -250,7 +251,7 @@ class TaskVectorBasis:
         if os.path.isdir(path_or_repo_id):
             path = os.path.join(path_or_repo_id, subfolder) if subfolder else path_or_repo_id
         elif revision or subfolder or token or cache_dir or local_files_only:
-            from ..hub import download_folder
+            from ..io.hub_files import download_folder
 
             path = download_folder(path_or_repo_id, revision=revision, subfolder=subfolder, token=token,
                                    cache_dir=cache_dir, local_files_only=local_files_only)
@@ -258,8 +259,6 @@ class TaskVectorBasis:
             path = resolve_path(path_or_repo_id)
         cfg_path = os.path.join(path, CONFIG_NAME)
         if not os.path.exists(cfg_path):
-            from .legacy import from_legacy, is_legacy_folder
-
             if is_legacy_folder(path):
                 return from_legacy(path)
             raise FileNotFoundError(f"{path} holds no {CONFIG_NAME}; it was not written by TaskVectorBasis.save_pretrained "
@@ -287,18 +286,18 @@ class TaskVectorBasis:
                     commit_message: str = "Upload task vector basis") -> str:
         """Save to a temporary folder (with a short README) and upload it with ``HfApi.upload_folder``
         (creating the repo, and the branch for ``revision``); returns the commit URL."""
-        from ..hub import upload_folder_to_hub
+        from ..io.hub_files import upload_folder_to_hub
 
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
             readme = self._card()
-            atomic_write(os.path.join(tmp, "README.md"), lambda p: open(p, "w").write(readme))
+            atomic_write_text(os.path.join(tmp, "README.md"), readme)
             info = upload_folder_to_hub(tmp, repo_id, private=private, token=token, revision=revision,
                                         subfolder=subfolder, commit_message=commit_message)
         return str(getattr(info, "commit_url", info))
 
     def _card(self) -> str:
-        from .. import __version__
+        from .._version import __version__
 
         s = self.storage()
         return ("---\nlibrary_name: peft\ntags:\n- peft-basis\n- task-vector-basis\n---\n"
@@ -314,25 +313,10 @@ class TaskVectorBasis:
                 f"params={s['num_params']:,}, storage_ratio={s['ratio']:.3f})")
 
 
-_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16"}
-
-
-def save_streaming(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> None:
-    """Write a safetensors file tensor by tensor (``safetensors.torch.save_file`` first copies every
-    tensor to bytes, doubling the memory of a large basis)."""
-    header, offset = {"__metadata__": metadata or {}}, 0
-    for k, t in tensors.items():
-        n = t.numel() * t.element_size()
-        header[k] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for t in tensors.values():
-            if t.numel():
-                f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+def from_legacy(run_dir: str) -> TaskVectorBasis:
+    """Convert one run folder of the original repository (uiuctml/TaskVectorBasis) into a :class:`TaskVectorBasis`
+    (every ``.pt`` read with ``weights_only=True``; see :mod:`peft_basis.task_vectors.legacy`)."""
+    return TaskVectorBasis(**read_legacy(run_dir))
 
 
 @torch.no_grad()

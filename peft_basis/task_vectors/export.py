@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..calibration import atomic_write
+from ..errors import TaskVectorError
+from ..io import atomic_write
 from ..modules import is_linear
-from .sources import TaskVectorError
 
 
 @torch.no_grad()

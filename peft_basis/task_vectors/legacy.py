@@ -16,8 +16,7 @@ import os
 
 import torch
 
-from .basis import TaskVectorBasis
-from .sources import TaskVectorError
+from ..errors import TaskVectorError
 
 _METHODS = {"AutoencoderBasisMethod": "ae", "PCABasisMethod": "pca"}
 
@@ -35,8 +34,9 @@ def _load(path: str):
                               "loaded, since unpickling it could run arbitrary code.") from e
 
 
-def from_legacy(run_dir: str) -> TaskVectorBasis:
-    """Convert one run folder of the original repo into a :class:`TaskVectorBasis`."""
+def read_legacy(run_dir: str) -> dict:
+    """The :class:`~peft_basis.task_vectors.TaskVectorBasis` arguments that one run folder of the original repo
+    holds (``TaskVectorBasis.from_pretrained`` / :func:`~peft_basis.task_vectors.from_legacy` build it)."""
     with open(os.path.join(run_dir, "method_info.json")) as f:
         info = json.load(f)
     raw_method = info.get("method")
@@ -87,5 +87,6 @@ def from_legacy(run_dir: str) -> TaskVectorBasis:
                               f"{T} tasks in method_info.json. Refusing to truncate or pad (the original code did).")
     if mixing is not None and tuple(mixing.shape) != (T, M):
         raise TaskVectorError(f"{run_dir}: AWB.pt's B has shape {tuple(mixing.shape)}, expected ({T}, {M}).")
-    return TaskVectorBasis(method, list(tasks), bases, C, mixing=None if mixing is None else mixing.double(),
-                           mean=mean, hyperparameters=hp, info={"converted_from": os.path.abspath(run_dir)})
+    return dict(method=method, task_names=list(tasks), bases=bases, coefficients=C,
+                mixing=None if mixing is None else mixing.double(), mean=mean, hyperparameters=hp,
+                info={"converted_from": os.path.abspath(run_dir)})

@@ -21,11 +21,10 @@ import os
 import torch
 from torch import nn
 
+from ..errors import TaskVectorError
+
 ADAPTER_CONFIG = "adapter_config.json"
 
-
-class TaskVectorError(ValueError):
-    """Task vectors that cannot be combined (mismatched keys, shapes or task counts)."""
 
 
 def _is_float(t: torch.Tensor) -> bool:
@@ -175,8 +174,6 @@ class _AdapterHost:
 
     def add(self, path: str, adapter_name: str) -> set[str]:
         from peft import PeftModel
-
-        import peft_basis  # noqa: F401  (registers our adapter types before PEFT reads the config)
 
         flags = {id(p): p.requires_grad for p in self.base.parameters()}
         if self.peft_model is None:

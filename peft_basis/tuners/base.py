@@ -10,13 +10,15 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule, check_target_module_exists
 from torch import nn
 
+from ..calibration.protocol import CalibrationMethod
+from ..errors import AdapterTypeError
 from ..modules import find_linear_names, is_linear, output_embedding_names
 
 INSTALL_HINT = "This adapter was made with peft-basis: `pip install peft-basis` and `import peft_basis` before loading it."
 
 
 @dataclass
-class BasisConfigBase(PeftConfig):
+class PeftBasisConfig(PeftConfig):
     """Fields common to the peft-basis tuners (PEFT's names and meanings)."""
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -45,7 +47,7 @@ class BasisConfigBase(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        from .. import __version__
+        from .._version import __version__
 
         if self.peft_basis_version is None:
             self.peft_basis_version = __version__
@@ -61,9 +63,7 @@ class BasisConfigBase(PeftConfig):
         """PEFT's loader, plus a type check: PEFT builds whatever class the JSON's ``peft_type`` names, so
         ``BaselConfig.from_pretrained(<a LoRA repo>)`` would silently return a ``LoraConfig``."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        if cls is not BasisConfigBase and not isinstance(config, cls):
-            from ..hub import AdapterTypeError
-
+        if cls is not PeftBasisConfig and not isinstance(config, cls):
             where = pretrained_model_name_or_path + (f" (subfolder {subfolder})" if subfolder else "")
             found = getattr(config.peft_type, "value", config.peft_type)
             raise AdapterTypeError(
@@ -94,10 +94,11 @@ class BasisConfigBase(PeftConfig):
         return new
 
 
-class BasisTunerBase(BaseTuner):
-    """Target resolution every method shares: PEFT's matching rules, a default that works on any
-    causal LM (all Linear/Conv1D inside the repeated blocks, output embedding excluded), and errors
-    that list what could have been targeted."""
+class PeftBasisTuner(BaseTuner, CalibrationMethod):
+    """What every peft-basis tuner shares: target resolution (PEFT's matching rules, a default that works on
+    any causal LM: all Linear/Conv1D inside the repeated blocks, output embedding excluded, and errors that
+    list what could have been targeted), and the calibration contract
+    (:class:`~peft_basis.calibration.protocol.CalibrationMethod`; its defaults ask for Grams only)."""
 
     target_module_mapping: dict = {}
 
@@ -113,7 +114,7 @@ class BasisTunerBase(BaseTuner):
         return peft_config
 
     @classmethod
-    def resolve_target_names(cls, model: nn.Module, config: BasisConfigBase) -> list[str]:
+    def resolve_target_names(cls, model: nn.Module, config: PeftBasisConfig) -> list[str]:
         """Full names of the modules ``config`` targets in ``model`` (what calibration hooks)."""
         if config.target_modules is None:
             default = sorted({n.rsplit(".", 1)[-1] for n in find_linear_names(model)})
@@ -181,9 +182,3 @@ def warn_no_calibration(method: str) -> None:
         "from 27 to ~70,000). Call `peft_basis.calibrate(model, config, dataloader)` first.",
         stacklevel=3,
     )
-
-
-# Model cards and push_to_hub for peft-basis adapters (see peft_basis/hub.py); every tuner imports this module.
-from ..hub import install as _install_hub_hooks  # noqa: E402
-
-_install_hub_hooks()

@@ -2,7 +2,8 @@ from ..._peft_type import register
 from .config import BaselConfig
 from .layer import BaselLayer
 from .model import BaselModel, FactorizedLinear, export_factorized, quantize_factors_8bit
-from .schedule import BaselCallback, BaselSchedule
+from .callback import BaselCallback
+from .schedule import BaselSchedule
 
 __all__ = [
     "BaselCallback",

@@ -4,14 +4,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..._peft_type import add_peft_type
-from ..base import BasisConfigBase
+from ..base import PeftBasisConfig
 
 PHASES = ("train", "factorized")
 INITS = ("auto", "svd", "whitened")
 
 
 @dataclass
-class BaselConfig(BasisConfigBase):
+class BaselConfig(PeftBasisConfig):
     """Basel (TMLR 2025; arXiv 2405.15877): re-learn the importance of every target weight's SVD bases on
     one task, prune the unimportant ones on a schedule during training, and end with a factorised model
     that stores ``keep_ratio`` of the targeted dense parameters.

@@ -11,9 +11,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...budget import greedy_allocate
-from ...linalg import decomposition_threads, robust_eigh
+from ...linalg import WhitenerCache, whitened_svd
 from ...modules import in_out_features, linear_weight
-from ..base import BasisTunerBase, warn_no_calibration
+from ..base import PeftBasisTuner, warn_no_calibration
 from .config import BaselConfig
 from .layer import BaselLayer
 from .schedule import BaselSchedule
@@ -28,7 +28,7 @@ def _unwrap_optimizer(optimizer):
     return optimizer
 
 
-class BaselModel(BasisTunerBase):
+class BaselModel(PeftBasisTuner):
     """PEFT tuner for :class:`BaselConfig`.
 
     Per step of training call ``basel_step(step, total_steps, optimizer)`` after ``optimizer.step()``
@@ -81,23 +81,12 @@ class BaselModel(BasisTunerBase):
             )
         if config.init == "auto" and stats is None:
             warn_no_calibration("BaselConfig")
-        whiteners: dict[str, object] = {}
+        whitener = WhitenerCache(stats, config.damping) if whitened else None
         gen = torch.Generator().manual_seed(0)
         dense = stored = 0
         for n in tqdm(names, desc="Basel SVD", unit="module", disable=len(names) < 20):
-            weight = linear_weight(modules[n]).detach().to(torch.float64)
             d_in, d_out = shapes[n]
-            if whitened:
-                key = stats.sources[n]
-                if key not in whiteners:
-                    whiteners[key] = robust_eigh(stats.grams[key], config.damping, name=n)
-                wh = whiteners[key]
-                with decomposition_threads():
-                    u, s, vh = torch.linalg.svd(weight @ wh.matrix.T, full_matrices=False)
-                vh = vh @ wh.inverse.T
-            else:
-                with decomposition_threads():
-                    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+            u, s, vh = whitened_svd(linear_weight(modules[n]), whitener(n) if whitened else None)
             # The paper's rule drops numerically-zero directions of W itself. Applied to the whitened spectrum it
             # would also drop directions the calibration text happens not to excite, and change the model; so the
             # whitened init keeps every direction (the first pruning event removes the weak ones) and the rule is
@@ -236,14 +225,9 @@ class BaselModel(BasisTunerBase):
         if config.phase == "factorized":
             return
         stats = config.calibration_statistics
-        whiteners: dict[str, object] = {}
+        whitener = None if stats is None else WhitenerCache(stats, config.damping)
         for name, m in self.basel_layers(adapter_name).items():
-            wh = None
-            if stats is not None and name in stats:
-                key = stats.sources[name]
-                if key not in whiteners:
-                    whiteners[key] = robust_eigh(stats.grams[key], config.damping, name=name)
-                wh = whiteners[key]
+            wh = whitener(name) if whitener is not None and name in stats else None
             config.rank_pattern[name] = m.consolidate(adapter_name, wh, config.svd_threshold)
         config.phase = "factorized"
         frac = self.kept_fraction(adapter_name)

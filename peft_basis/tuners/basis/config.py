@@ -4,14 +4,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..._peft_type import add_peft_type
-from ..base import BasisConfigBase
+from ..base import PeftBasisConfig
 
 ALLOCATIONS = ("uniform", "eigen", "fisher")
 TRAINABLE = ("output", "input", "core", "diagonal")
 
 
 @dataclass
-class BasisConfig(BasisConfigBase):
+class BasisConfig(PeftBasisConfig):
     """BASIS: fine-tune inside a calibration-aware subspace of every target Linear, with ranks spread
     over the model under one global parameter budget.
 

@@ -23,10 +23,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, check_targ
 from torch import nn
 
 from ...budget import greedy_allocate
-from ...calibration.fisher import FisherPlan, collect_fisher, fisher_key
-from ...linalg import CalibrationError, decomposition_threads, robust_eigh, warn_if_rank_deficient
+from ...calibration.fisher import FisherPlan, fisher_key
+from ...errors import CalibrationError
+from ...linalg import WhitenerCache, canonical_signs, whitened_svd
 from ...modules import find_linear_names, in_out_features, is_linear, layer_index, linear_weight, module_type
-from ..base import BasisTunerBase, _with_targets, warn_no_calibration
+from ..base import PeftBasisTuner, _with_targets, warn_no_calibration
 from .config import BasisConfig
 from .layer import BasisLayer
 
@@ -50,7 +51,7 @@ def module_bases(model: nn.Module, names: list[str], stats, damping: float, k: d
                  ) -> dict[str, ModuleBasis]:
     """The BASIS directions of every module in ``names`` (see the module docstring), ``k`` per module."""
     modules = dict(model.named_modules())
-    whiteners: dict[str, object] = {}
+    whitener = None if stats is None else WhitenerCache(stats, damping, covariance=True, warn=True)
     out = {}
     for n in names:
         layer = _base(modules[n])
@@ -59,25 +60,10 @@ def module_bases(model: nn.Module, names: list[str], stats, damping: float, k: d
         if stats is not None and n in stats and stats.sources[n] not in stats.grams:
             out[n] = _stored_basis(stats, n, kn)  # statistics that keep the directions instead of the Gram
             continue
-        w = linear_weight(layer).detach().to(torch.float64)
-        if stats is not None:
-            key = stats.sources[n] if n in stats else None
-            if key is None:
-                stats.gram(n)  # raises the engine's "no statistics for this module" error
-            if key not in whiteners:
-                whiteners[key] = robust_eigh(stats.covariance(n), damping, name=n)
-                warn_if_rank_deficient(whiteners[key], n, stats.num_tokens(n))
-            wh = whiteners[key]
-            with decomposition_threads():
-                u, s, vh = torch.linalg.svd(w @ wh.matrix.T, full_matrices=False)
-            r = vh[:kn] @ wh.inverse.T
-        else:
-            with decomposition_threads():
-                u, s, vh = torch.linalg.svd(w, full_matrices=False)
-            r = vh[:kn]
-        u = u[:, :kn]
-        sign = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))[0]
-        sign[sign == 0] = 1
+        if stats is not None and n not in stats:
+            stats.gram(n)  # raises the engine's "no statistics for this module" error
+        u, s, r = whitened_svd(linear_weight(layer), None if whitener is None else whitener(n), kn)
+        sign = canonical_signs(u)
         out[n] = ModuleBasis(U=(u * sign).float().contiguous(), R=(r * sign[:, None]).float().contiguous(),
                              sigma2=(s**2))
     return out
@@ -262,7 +248,7 @@ def basis_allocation(model: nn.Module, config: BasisConfig, statistics=None) -> 
 
 
 # ---- the tuner ---------------------------------------------------------------------------------------
-class BasisModel(BasisTunerBase):
+class BasisModel(PeftBasisTuner):
     """PEFT tuner for :class:`BasisConfig`. ``allocations[adapter_name]`` holds each adapter's
     :class:`BasisAllocation` (ranks and scores; only ranks for an adapter loaded from disk)."""
 
@@ -293,8 +279,10 @@ class BasisModel(BasisTunerBase):
         return names
 
     # ---- calibration: Fisher scores ------------------------------------------------------------------
-    @staticmethod
-    def needs_fisher(config: BasisConfig) -> bool:
+    has_layer_summary = True
+
+    @classmethod
+    def needs_fisher(cls, config: BasisConfig) -> bool:
         return config.rank_allocation == "fisher"
 
     @classmethod
@@ -308,7 +296,8 @@ class BasisModel(BasisTunerBase):
     def fisher_plan(cls, model: nn.Module, config: BasisConfig, names: list[str], stats) -> FisherPlan | None:
         """For ``rank_allocation='fisher'``: the directions of ``names`` whose empirical Fisher the allocation
         scores (``min(r_max, d_in, d_out)`` per module), from their input covariances in ``stats``. Used by
-        ``calibrate`` (whole model) and ``calibrate_sequential`` (layer by layer, ``names`` one layer's)."""
+        ``calibrate`` (whole model: one forward and one backward pass per batch) and ``calibrate_sequential``
+        (layer by layer, ``names`` one layer's; the pipeline's backward sweep)."""
         if not cls.needs_fisher(config):
             return None
         bases = _config_bases(model, config, names, stats)
@@ -319,18 +308,6 @@ class BasisModel(BasisTunerBase):
         side = 0 if config.trainable == "output" else 1
         return FisherPlan({n: (None, b.R) if side == 0 else (b.U, None) for n, b in bases.items()}, "full",
                           _fisher_key(config), reduce_dim=side, meta={"fisher_max_rank": config.max_rank})
-
-    @classmethod
-    def extra_calibration(cls, model, config: BasisConfig, stats, dataloader, *, max_batches=None, progress=True):
-        """Called by ``calibrate`` after the Gram pass: for ``rank_allocation='fisher'``, one forward and one
-        backward pass per batch streaming the empirical Fisher of :meth:`fisher_plan`'s directions
-        (see :mod:`peft_basis.calibration.fisher`)."""
-        plan = cls.fisher_plan(model, config, cls.resolve_target_names(model, config), stats)
-        if plan is None:
-            return
-        scores = collect_fisher(model, plan.directions, dataloader, mode=plan.mode, max_batches=max_batches,
-                                progress=progress, stats=stats, key=plan.key)
-        plan.store(stats, scores)
 
     # ---- building ------------------------------------------------------------------------------------
     def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False,

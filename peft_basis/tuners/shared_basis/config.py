@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from ..._peft_type import add_peft_type
-from ..base import BasisConfigBase
+from ..base import PeftBasisConfig
 
 # Which matrix types share a basis across layers by default (paper section 1.6: the configs it shipped);
 # the rest are private (per-layer whitened SVD = SVD-LLM). Unknown architectures share nothing by
@@ -18,7 +18,7 @@ DEFAULT_SHARED_MODULES = {
 
 
 @dataclass
-class SharedBasisConfig(BasisConfigBase):
+class SharedBasisConfig(PeftBasisConfig):
     """Basis Sharing (arXiv 2410.03765): whitened SVD with one input basis shared by the same matrix
     of ``group_size`` consecutive layers and per-layer coefficients, at an exact compression ratio.
 

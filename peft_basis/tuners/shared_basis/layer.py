@@ -10,6 +10,16 @@ from ...modules import in_out_features
 from ..factorized import FactorizedLayerMixin, dense_is_dropped, drop_dense_weight, factorized_forward
 
 
+def saved_basis_name(group_key: str) -> str:
+    """The name of a shared basis in ``adapter_model.safetensors`` (it lives on the tuner, ``sb_bases``)."""
+    return f"base_model.sb_bases.{group_key}"
+
+
+def saved_coefficient_name(module_name: str) -> str:
+    """The name of a module's coefficient in ``adapter_model.safetensors`` (PEFT strips the adapter name)."""
+    return f"base_model.model.{module_name}.sb_coefficient"
+
+
 class SharedBasisLayer(FactorizedLayerMixin, nn.Module, BaseTunerLayer):
     """A target Linear of Basis Sharing: per-layer ``sb_coefficient`` (``d_out x k``) times the
     group's shared basis (``k x d_in``), which lives once on the tuner (``sb_bases``) and is looked

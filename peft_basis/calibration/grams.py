@@ -1,10 +1,9 @@
-"""The calibration engine: forward hooks that stream input Grams, batch by batch.
+"""Input Grams: forward hooks that stream ``X^T X`` of every target's input, batch by batch.
 
-Nothing is kept but the running sums. Cost floor: the forward passes plus, per token and per
-*distinct* input, the symmetric Gram update (``d_in^2 / 2`` multiply-adds). We get close to it by
-(1) sharing one Gram between the Linears that read the same tensor (q/k/v, gate/up), (2) computing
-only the upper block-triangle of each Gram, and (3) running the decoder without its ``lm_head``
-when no target needs it (the 49k-vocab head of SmolLM2 is ~20% of its forward).
+Nothing is kept but the running sums. The Gram arithmetic is kept near its floor (``d_in^2 / 2``
+multiply-adds per token and *distinct* input) by (1) sharing one Gram between the Linears that read
+the same tensor (q/k/v, gate/up), and (2) computing only the upper block-triangle of each Gram.
+Both pipelines (:mod:`peft_basis.calibration.pipelines`) attach these hooks.
 """
 
 from __future__ import annotations
@@ -15,9 +14,8 @@ import weakref
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..linalg import CalibrationError
+from ..errors import CalibrationError
 from ..modules import in_out_features
 from .statistics import CalibrationStatistics
 
@@ -93,8 +91,12 @@ class GramCollector:
         self._handles = []
 
     def start_batch(self, attention_mask: torch.Tensor | None) -> None:
+        """Before each batch: which tokens count (mask 1), and forget which tensors the last batch's modules read."""
         self._seen.clear()
         self.token_mask = None if attention_mask is None else attention_mask.reshape(-1).bool()
+
+    def end_batch(self) -> None:
+        self._seen.clear()
 
     def _hook(self, name: str):
         def hook(module, args, kwargs=None):
@@ -135,6 +137,8 @@ class GramCollector:
             self._handles.clear()
 
     def finalize(self) -> CalibrationStatistics:
+        """Mirror the Grams, all-reduce them across ``torch.distributed`` ranks, check them."""
+        self.end_batch()
         for g in self.stats.grams.values():
             symmetrize(g)
         self.stats.all_reduce()
@@ -142,57 +146,10 @@ class GramCollector:
         return self.stats
 
 
-def _backbone(model: nn.Module, target_names: Iterable[str]) -> tuple[nn.Module, str]:
+def backbone(model: nn.Module, target_names: Iterable[str]) -> tuple[nn.Module, str]:
     """The decoder without the LM head, when no target lives outside it (saves the head's matmul)."""
     prefix = getattr(model, "base_model_prefix", "")
     inner = getattr(model, prefix, None) if prefix else None
     if isinstance(inner, nn.Module) and inner is not model and all(n.startswith(prefix + ".") for n in target_names):
         return inner, prefix + "."
     return model, ""
-
-
-def collect_grams(
-    model: nn.Module,
-    target_names: list[str],
-    dataloader: Iterable,
-    *,
-    max_batches: int | None = None,
-    progress: bool = True,
-    stats: CalibrationStatistics | None = None,
-) -> CalibrationStatistics:
-    """One forward pass over ``dataloader`` (no grad, no KV cache), streaming the input Gram of every
-    module in ``target_names``; all-reduced when ``torch.distributed`` is initialised."""
-    named = dict(model.named_modules())
-    missing = [n for n in target_names if n not in named]
-    if missing:
-        raise ValueError(f"calibrate: modules not found in the model: {missing[:5]}")
-    collector = GramCollector({n: named[n] for n in target_names}, stats)
-    runner, _ = _backbone(model, target_names)
-    device = model_device(model)
-    total = len(dataloader) if hasattr(dataloader, "__len__") else None
-    if max_batches is not None and total is not None:
-        total = min(total, max_batches)
-    was_training = model.training
-    model.eval()
-    n_batches = 0
-    try:
-        with torch.no_grad(), collector.attached():
-            for batch in tqdm(dataloader, total=total, desc="calibrating", unit="batch", disable=not progress):
-                if max_batches is not None and n_batches >= max_batches:
-                    break
-                kwargs = batch_to_kwargs(batch, device)
-                kwargs.pop("labels", None)
-                collector.start_batch(kwargs.get("attention_mask"))
-                runner(**kwargs, use_cache=False)
-                n_batches += 1
-    finally:
-        model.train(was_training)
-    if n_batches == 0:
-        raise CalibrationError("calibrate: the dataloader yielded no batches. Pass at least one batch of `input_ids`.")
-    never_called = [n for n in target_names if n not in collector.stats.sources]
-    if never_called:
-        raise CalibrationError(
-            f"calibrate: {len(never_called)} target modules were never called in the forward pass "
-            f"(e.g. {never_called[:3]}). Remove them from `target_modules`."
-        )
-    return collector.finalize()

@@ -1,0 +1,309 @@
+"""The layer-sequential pipeline: run a causal LM one decoder layer at a time, for methods to consume.
+
+This module runs the model and nothing else (llm-compressor's sequential pipeline). The calibration
+batches go through the embeddings once; then, layer after layer, the layer is onloaded (from the
+checkpoint's safetensors shards, or already in memory), its targets' input Grams are streamed by the
+same hooks as the whole-model pipeline, the method's :class:`LayerHandler` gets the layer's events,
+and the layer's outputs become the next layer's inputs before it is offloaded. A method never runs
+the model itself; it reacts to events:
+
+- ``on_start(run)``: the model (meta or real), the target names, the layer container.
+- ``on_layer_calibrated(layer)``: the layer is onloaded and ``layer.stats`` holds its targets' input
+  Grams (all ranks' data). The handler may change the layer in place (compress it).
+- ``on_layer_done(layer)``: the layer's outputs are computed (through the layer as the handler left
+  it, for the ``"compressed"`` stream); the layer is offloaded right after.
+- ``on_backward_layer(layer)`` / ``on_backward_done(...)``: with ``needs_backward``, a second sweep
+  from the last layer pushes the loss gradient back through each layer (re-run on its stored inputs),
+  with the handler's hooks attached (the layer-by-layer Fisher pass).
+- ``on_end()``: its return value is what :meth:`LayerSequentialPipeline.run` returns.
+
+Streams: ``"dense"`` (every layer sees the dense model's inputs: its statistics equal the whole-model
+ones), ``"compressed"`` (every layer sees the outputs of the layers before it as the handler left
+them: llm-compressor's sequential mode), or ``"both"`` (the two side by side, for methods that fit
+the compressed model to the dense one). Statistics are all-reduced under ``torch.distributed``
+before any handler sees them. Memory: one decoder layer, the activations of the streams kept (in RAM
+or on disk, :class:`~peft_basis.calibration.pipelines.activations.ActivationCache`), and what the
+handler keeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from itertools import islice
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from ...errors import CalibrationError
+from ...io import ShardedCheckpoint, materialize, meta_model, release, set_tensor, trim_memory
+from ...modules import layer_index, linear_weight
+from ..grams import GramCollector, backbone, batch_to_kwargs
+from ..statistics import CalibrationStatistics
+from .activations import ActivationCache
+from .backward import backward_sweep
+from .handler import CallArgs, LayerContext, LayerHandler, PipelineRun
+
+__all__ = ["LayerContext", "LayerHandler", "LayerSequentialPipeline", "STREAMS"]
+
+STREAMS = ("dense", "compressed", "both")
+
+
+# ---- where the layers come from ----------------------------------------------------------------------
+class CheckpointLayers:
+    """Layers read from a safetensors checkpoint into a model built on the meta device, one at a time."""
+
+    def __init__(self, model_path: str, dtype: torch.dtype | None, device):
+        self.model_path, self.dtype, self.device = model_path, dtype, device
+        self.model = meta_model(model_path, dtype)
+        self._outside: list[str] = []
+
+    def onload_layer(self, layer: nn.Module, prefix: str) -> None:
+        ckpt = ShardedCheckpoint(self.model_path)
+        materialize(layer, prefix, ckpt, self.dtype, self.device)
+        ckpt.close()  # unmap the shard: its pages would otherwise stay in this process's RSS
+
+    def offload_layer(self, layer: nn.Module) -> None:
+        release(layer)
+        trim_memory()
+
+    def read_weight(self, module_name: str) -> torch.Tensor:
+        ckpt = ShardedCheckpoint(self.model_path)
+        w = ckpt.get(module_name + ".weight", self.dtype)
+        ckpt.close()
+        return w.T if isinstance(self.model.get_submodule(module_name), Conv1D) else w
+
+    def onload_outside(self, layer_prefix: str, with_head: bool) -> None:
+        """Everything outside the decoder layers: the embeddings, and (``with_head``) the final norm and LM head.
+        Without the head, the output embedding is skipped unless the checkpoint stores it separately (the LM
+        head is not run; for a tied model it is the input embedding anyway)."""
+        model = self.model
+        ckpt = ShardedCheckpoint(self.model_path)
+        if with_head:
+            names = [n for n, _ in model.named_parameters() if not n.startswith(layer_prefix) and n in ckpt]
+        else:
+            out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            out_ids = {id(p) for p in out_emb.parameters()} if out_emb is not None else set()
+            names = [n for n, p in model.named_parameters() if not n.startswith(layer_prefix)
+                     and (id(p) not in out_ids or n in ckpt)]
+        for n in names:
+            set_tensor(model, n, ckpt.get(n, self.dtype).to(self.device))
+        ckpt.close()
+        self._outside = names
+        self._tied_head = None
+        if with_head:
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            if head is not None and head.weight.device.type == "meta":  # tied: not in the checkpoint
+                head.weight = model.get_input_embeddings().weight
+                self._tied_head = head
+
+    def offload_outside(self) -> None:
+        if self._tied_head is not None:
+            self._tied_head.weight = nn.Parameter(torch.empty_like(self._tied_head.weight, device="meta"),
+                                                  requires_grad=False)
+            self._tied_head = None
+        for n in self._outside:
+            p = self.model.get_parameter(n)
+            set_tensor(self.model, n, torch.empty_like(p, device="meta"))
+        self._outside = []
+        trim_memory()
+
+
+class MemoryLayers:
+    """Layers of a model already in memory: onloading and offloading are no-ops."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def onload_layer(self, layer, prefix) -> None:
+        pass
+
+    def offload_layer(self, layer) -> None:
+        pass
+
+    def read_weight(self, module_name: str) -> torch.Tensor:
+        return linear_weight(self.model.get_submodule(module_name)).detach()
+
+    def onload_outside(self, layer_prefix: str, with_head: bool) -> None:
+        pass
+
+    def offload_outside(self) -> None:
+        pass
+
+
+def layers_container(model: nn.Module, target_names: list[str]) -> tuple[str, nn.ModuleList]:
+    """The ``ModuleList`` of decoder layers the targets live in (``model.layers`` for Llama)."""
+    first = target_names[0]
+    idx = layer_index(first)
+    if idx is None:
+        raise ValueError(f"{first} is not inside a repeated decoder layer; the sequential pipeline needs layered targets.")
+    container_name = first[: first.index(f".{idx}.")]
+    container = model.get_submodule(container_name)
+    if not isinstance(container, nn.ModuleList):
+        raise ValueError(f"{container_name} is not a ModuleList of decoder layers.")
+    outside = [n for n in target_names if not n.startswith(container_name + ".")]
+    if outside:
+        raise ValueError(f"Targets outside {container_name} ({outside[:3]}) cannot be calibrated layer by layer; exclude them.")
+    return container_name, container
+
+
+class _Captured(Exception):
+    pass
+
+
+# ---- the pipeline ----------------------------------------------------------------------------------
+class LayerSequentialPipeline:
+    """Run ``handler``'s events over ``model`` (a model in memory) or ``model_path`` (a safetensors
+    checkpoint, one layer read at a time), for the calibration batches of ``dataloader``.
+
+    ``target_names(model)`` gives the modules whose input Grams are streamed (usually the tuner's
+    ``resolve_target_names``). ``activations``: where the streams wait between layers (``"memory"`` or
+    ``"disk"``); ``saved_inputs``: where every layer's inputs wait for the backward sweep (``"disk"`` by
+    default: they grow with depth); ``scratch_dir``: where disk files go."""
+
+    name = "layer_sequential"
+
+    def __init__(self, model: nn.Module | str, target_names, dataloader: Iterable, *, max_batches: int | None = None,
+                 progress: bool = True, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                 activations: str = "memory", saved_inputs: str = "disk", scratch_dir: str | None = None):
+        if isinstance(model, str):
+            self.source = CheckpointLayers(model, dtype, device)
+        else:
+            self.source = MemoryLayers(model)
+            device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device(device))
+        self.model = self.source.model
+        self.names = target_names(self.model) if callable(target_names) else list(target_names)
+        self.container_name, self.layers = layers_container(self.model, self.names)
+        self.batches = list(islice(dataloader, max_batches))
+        if not self.batches:
+            raise CalibrationError("The dataloader yielded no batches. Pass at least one batch of `input_ids`.")
+        self.progress, self.device = progress, device
+        self.activations, self.saved_inputs, self.scratch_dir = activations, saved_inputs, scratch_dir
+        self.cache: ActivationCache | None = None
+        self.call_args: list[CallArgs] = []
+
+    # -- public ---------------------------------------------------------------------------------------
+    def run(self, handler: LayerHandler):
+        if handler.streams not in STREAMS:
+            raise ValueError(f"streams must be one of {STREAMS}, not {handler.streams!r}.")
+        was_training = self.model.training
+        self.model.eval()
+        self.cache = ActivationCache(self.activations, self.scratch_dir)
+        layer_inputs = ActivationCache(self.saved_inputs, self.scratch_dir) if handler.needs_backward else None
+        try:
+            handler.on_start(PipelineRun(self.model, self.names, self.container_name, self.layers, self.batches,
+                                         self.device, self.source.read_weight,
+                                         getattr(self.model, "name_or_path", None), self.progress))
+            self._embed(handler.streams)
+            self._forward_sweep(handler, layer_inputs)
+            if handler.needs_backward:
+                backward_sweep(self, handler, layer_inputs)
+            return handler.on_end()
+        finally:
+            self.cache.close()
+            if layer_inputs is not None:
+                layer_inputs.close()
+            self.model.train(was_training)
+
+    def run_layer(self, layer: nn.Module, stream: str, collector: GramCollector | None = None,
+                  store: str | None = None) -> None:
+        """Run ``layer`` on every batch of ``stream`` (streaming ``collector``'s Grams if given); ``store``: the
+        stream the outputs go to (None: dropped)."""
+        with torch.no_grad(), (collector.attached() if collector is not None else contextlib.nullcontext()):
+            for b, call in enumerate(self.call_args):
+                if collector is not None:
+                    collector.start_batch(call.token_mask)
+                out = layer(self.cache.get(stream, b, self.device), *call.args, **call.kwargs)
+                if store is not None:
+                    self.cache.put(store, b, out[0] if isinstance(out, (tuple, list)) else out)
+        if collector is not None:
+            collector.end_batch()
+
+    # -- steps ----------------------------------------------------------------------------------------
+    def _embed(self, streams: str) -> None:
+        """Run everything before the first decoder layer once; keep its inputs (the first stream values)."""
+        model, device = self.model, self.device
+        runner, _ = backbone(model, self.names)
+        self.source.onload_outside(self.container_name + ".", with_head=False)
+        store = {}
+
+        def hook(_module, args, kwargs):
+            store["args"], store["kwargs"] = args, kwargs
+            raise _Captured
+
+        handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+        keys = ["dense", "compressed"] if streams == "both" else [streams]
+        try:
+            with torch.no_grad():
+                for b, batch in enumerate(tqdm(self.batches, desc="embedding", unit="batch",
+                                               disable=not self.progress)):
+                    kwargs = batch_to_kwargs(batch, device)
+                    kwargs.pop("labels", None)
+                    mask = kwargs.get("attention_mask")
+                    try:
+                        runner(**kwargs, use_cache=False)
+                    except _Captured:
+                        pass
+                    else:
+                        raise RuntimeError("The model's forward never called its first decoder layer.")
+                    args, kw = tuple(store["args"]), dict(store["kwargs"])
+                    hidden = args[0] if args else kw.pop("hidden_states")
+                    for key in keys:
+                        self.cache.put(key, b, hidden)
+                    self.call_args.append(CallArgs(args[1:], kw, None if mask is None else mask.reshape(-1).bool()))
+        finally:
+            handle.remove()
+            self.source.offload_outside()
+
+    def _forward_sweep(self, handler: LayerHandler, layer_inputs: ActivationCache | None) -> None:
+        model, streams = self.model, handler.streams
+        by_layer: dict[int, list[str]] = {}
+        for n in self.names:
+            by_layer.setdefault(layer_index(n[len(self.container_name):]), []).append(n)
+        first_type = getattr(self.layers[0], "attention_type", None)
+        prefix0 = self.container_name + "."
+        for i, layer in enumerate(tqdm(self.layers, desc="layers", unit="layer", disable=not self.progress)):
+            if getattr(layer, "attention_type", None) != first_type:
+                raise NotImplementedError(
+                    f"Layer {i} uses attention type {layer.attention_type!r} but layer 0 uses {first_type!r} (a hybrid "
+                    "sliding-window model); the sequential pipeline replays layer 0's attention mask. Use `calibrate` "
+                    "on the whole model for this architecture."
+                )
+            self.source.onload_layer(layer, f"{prefix0}{i}.")
+            try:
+                targets = {n: model.get_submodule(n) for n in by_layer.get(i, [])}
+                stats = self._layer_grams(layer, i, targets, handler, layer_inputs)
+                ctx = LayerContext(i, f"{prefix0}{i}", layer, targets, stats, self)
+                handler.on_layer_calibrated(ctx)
+                if streams in ("compressed", "both"):  # through the layer as the handler left it
+                    self.run_layer(layer, "compressed", store="compressed_out")
+                handler.on_layer_done(ctx)
+                del ctx
+                for stream in ("dense", "compressed"):  # this layer's outputs are the next one's inputs
+                    if f"{stream}_out" in self.cache:
+                        self.cache.rename(f"{stream}_out", stream)
+            finally:
+                self.source.offload_layer(layer)
+
+    def _layer_grams(self, layer, i, targets, handler, layer_inputs) -> CalibrationStatistics:
+        """The dense outputs are computed here, while the layer is as loaded (``"dense_out"`` until the layer is
+        done); Grams are streamed on ``handler.gram_stream``, in the same pass where that is the dense one."""
+        collector = GramCollector(targets) if handler.gram_stream is not None and targets else None
+        if layer_inputs is not None:
+            for b in range(len(self.call_args)):
+                layer_inputs.put(f"layer_{i}", b, self.cache.get("dense", b))
+        if handler.streams in ("dense", "both"):
+            self.run_layer(layer, "dense", collector if handler.gram_stream == "dense" else None, store="dense_out")
+        if handler.gram_stream == "compressed" and collector is not None:
+            self.run_layer(layer, "compressed", collector)
+        if collector is None:
+            return CalibrationStatistics()
+        never = [n for n in targets if n not in collector.stats.sources]
+        if never:
+            raise CalibrationError(
+                f"{len(never)} target modules of layer {i} were never called (e.g. {never[:3]}). Remove them from "
+                "`target_modules`."
+            )
+        return collector.finalize()

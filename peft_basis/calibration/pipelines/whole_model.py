@@ -1,0 +1,162 @@
+"""The whole-model pipeline: the model in memory, one forward (and, for Fisher scores, one backward) pass
+per calibration batch, statistics streamed by hooks (never activations kept whole).
+
+Cost floor of the Gram pass: the forward passes plus, per token and per *distinct* input, the symmetric
+Gram update (``d_in^2 / 2`` multiply-adds); the decoder runs without its ``lm_head`` when no target needs
+it (the 49k-vocab head of SmolLM2 is ~20% of its forward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import ExitStack
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...errors import CalibrationError
+from ..fisher import accumulators, batch_labels, finish_fisher, sequence_loss
+from ..grams import GramCollector, backbone, batch_to_kwargs, model_device
+from ..statistics import CalibrationStatistics
+
+__all__ = ["WholeModelPipeline", "collect_fisher", "collect_grams"]
+
+
+class WholeModelPipeline:
+    """The model in memory, every batch through it whole. ``grams()`` streams the targets' input Grams;
+    ``fisher(plan, stats)`` runs the backward passes a :class:`~peft_basis.calibration.fisher.FisherPlan`
+    asks for."""
+
+    name = "whole_model"
+
+    def __init__(self, model: nn.Module, target_names: list[str], dataloader: Iterable, *,
+                 max_batches: int | None = None, progress: bool = True):
+        self.model, self.names, self.dataloader = model, target_names, dataloader
+        self.max_batches, self.progress = max_batches, progress
+
+    def grams(self, stats: CalibrationStatistics | None = None) -> CalibrationStatistics:
+        return collect_grams(self.model, self.names, self.dataloader, max_batches=self.max_batches,
+                             progress=self.progress, stats=stats)
+
+    def fisher(self, plan, stats: CalibrationStatistics) -> dict[str, torch.Tensor]:
+        return collect_fisher(self.model, plan.directions, self.dataloader, mode=plan.mode,
+                              max_batches=self.max_batches, progress=self.progress, stats=stats, key=plan.key)
+
+
+def collect_grams(
+    model: nn.Module,
+    target_names: list[str],
+    dataloader: Iterable,
+    *,
+    max_batches: int | None = None,
+    progress: bool = True,
+    stats: CalibrationStatistics | None = None,
+) -> CalibrationStatistics:
+    """One forward pass over ``dataloader`` (no grad, no KV cache), streaming the input Gram of every
+    module in ``target_names``; all-reduced when ``torch.distributed`` is initialised."""
+    named = dict(model.named_modules())
+    missing = [n for n in target_names if n not in named]
+    if missing:
+        raise ValueError(f"calibrate: modules not found in the model: {missing[:5]}")
+    collector = GramCollector({n: named[n] for n in target_names}, stats)
+    runner, _ = backbone(model, target_names)
+    device = model_device(model)
+    total = len(dataloader) if hasattr(dataloader, "__len__") else None
+    if max_batches is not None and total is not None:
+        total = min(total, max_batches)
+    was_training = model.training
+    model.eval()
+    n_batches = 0
+    try:
+        with torch.no_grad(), collector.attached():
+            for batch in tqdm(dataloader, total=total, desc="calibrating", unit="batch", disable=not progress):
+                if max_batches is not None and n_batches >= max_batches:
+                    break
+                kwargs = batch_to_kwargs(batch, device)
+                kwargs.pop("labels", None)
+                collector.start_batch(kwargs.get("attention_mask"))
+                runner(**kwargs, use_cache=False)
+                n_batches += 1
+    finally:
+        model.train(was_training)
+    if n_batches == 0:
+        raise CalibrationError("calibrate: the dataloader yielded no batches. Pass at least one batch of `input_ids`.")
+    never_called = [n for n in target_names if n not in collector.stats.sources]
+    if never_called:
+        raise CalibrationError(
+            f"calibrate: {len(never_called)} target modules were never called in the forward pass "
+            f"(e.g. {never_called[:3]}). Remove them from `target_modules`."
+        )
+    return collector.finalize()
+
+
+def collect_fisher(
+    model: nn.Module,
+    directions: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]],
+    dataloader: Iterable,
+    *,
+    mode: str = "diagonal",
+    max_batches: int | None = None,
+    progress: bool = True,
+    stats: CalibrationStatistics | None = None,
+    key: str = "fisher",
+) -> dict[str, torch.Tensor]:
+    """Empirical Fisher scores of the given directions of every module in ``directions``
+    (``name -> (U, R)``, ``U`` ``d_out x k`` or None, ``R`` ``k x d_in`` or None; see the module doc).
+
+    Batches as for ``calibrate``; ``labels`` are used when present (``-100`` = ignored), otherwise the
+    ``input_ids`` (padding masked by ``attention_mask``). Returns ``name -> float32 scores`` (mean over
+    the sequences that have at least one labelled token) and, with ``stats``, stores them in
+    ``stats.extra[fisher_key(name, key)]`` with the sequence count in ``stats.meta[key + "_sequences"]``,
+    so they are saved and loaded with the rest of the statistics.
+    """
+    named = dict(model.named_modules())
+    missing = [n for n in directions if n not in named]
+    if missing:
+        raise ValueError(f"collect_fisher: modules not found in the model: {missing[:5]}")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None:
+        raise ValueError("collect_fisher needs a model with `get_input_embeddings()` (a transformers model).")
+    device = model_device(model)
+    accs = accumulators(directions, mode, device)
+
+    def embed_hook(module, args, output):
+        return output.requires_grad_(True) if not output.requires_grad else output
+
+    total = len(dataloader) if hasattr(dataloader, "__len__") else None
+    if max_batches is not None and total is not None:
+        total = min(total, max_batches)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    n_seqs, n_batches, n_labelled_tokens = 0, 0, 0
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        with ExitStack() as stack, torch.enable_grad():
+            handles = [embeddings.register_forward_hook(embed_hook)]
+            handles += [named[n].register_forward_hook(acc.hook) for n, acc in accs.items()]
+            stack.callback(lambda: [h.remove() for h in handles])
+            for batch in tqdm(dataloader, total=total, desc="fisher", unit="batch", disable=not progress):
+                if max_batches is not None and n_batches >= max_batches:
+                    break
+                n_batches += 1
+                kwargs = batch_to_kwargs(batch, device)
+                labels = batch_labels(kwargs)
+                if labels is None:
+                    continue
+                # sum over sequences of each one's mean NLL: a sequence without labelled tokens adds nothing
+                out = model(**kwargs, use_cache=False)
+                loss, seqs, tokens = sequence_loss(out.logits, labels)
+                loss.backward()
+                n_seqs += seqs
+                n_labelled_tokens += tokens
+                del out, loss
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        model.train(was_training)
+    if n_batches == 0:
+        raise CalibrationError("Fisher scores: the dataloader yielded no batches. Pass at least one batch of `input_ids`.")
+    return finish_fisher(accs, directions, named, mode, n_seqs, n_labelled_tokens, device, stats, key)

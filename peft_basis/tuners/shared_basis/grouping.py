@@ -1,0 +1,139 @@
+"""Basis Sharing's groups and rank budget: which modules share a basis, and how many directions each group keeps.
+
+A group is the same matrix type (``q_proj``) in ``n`` consecutive layers sharing one input basis; each
+rank step of a group costs ``d_in + n * d_out`` parameters. Used by the whole-model tuner and the
+layer-by-layer compressor alike, so both form the same groups, in the same order, with the same ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...budget import greedy_allocate, rank_for_ratio
+from ...modules import layer_index, module_type
+from .config import DEFAULT_SHARED_MODULES, SharedBasisConfig
+
+__all__ = ["GLOBAL_MIN_FRACTION", "Group", "allocate_ranks", "by_type", "chunk", "group_gram", "plan_groups",
+           "rank_bounds", "uniform_rank"]
+
+# Global allocation: every group first gets this fraction of its uniform rank, so that no module is
+# starved (a module with a flat whitened spectrum scores low per parameter everywhere, yet a
+# rank-1 o_proj breaks the model); the rest of the budget goes where it removes most relative error.
+GLOBAL_MIN_FRACTION = 0.25
+
+
+@dataclass
+class Group:
+    key: str
+    members: list[str]
+    d_in: int
+    d_out: int  # per member
+
+    @property
+    def cost(self) -> int:  # parameters per rank step
+        return self.d_in + len(self.members) * self.d_out
+
+    @property
+    def dense_params(self) -> int:
+        return len(self.members) * self.d_in * self.d_out
+
+    def report(self, rank: int, relative_error: float | None) -> dict:
+        """One row of ``compression_report`` (what the model card and benchmarks read)."""
+        return {"group": self.key, "members": self.members, "rank": rank, "params": rank * self.cost,
+                "dense_params": self.dense_params, "relative_error": relative_error}
+
+
+def _group_key(type_name: str, members: list[str]) -> str:
+    leaf = type_name.split("*.", 1)[-1].replace(".", "_")
+    first, last = layer_index(members[0]), layer_index(members[-1])
+    return f"{leaf}__{first}" if first == last else f"{leaf}__{first}-{last}"
+
+
+def by_type(names: list[str]) -> dict[str, list[str]]:
+    types: dict[str, list[str]] = {}
+    for n in names:
+        types.setdefault(module_type(n), []).append(n)
+    for members in types.values():
+        members.sort(key=lambda n: layer_index(n) or 0)
+    return types
+
+
+def chunk(type_name: str, members: list[str], n: int, shapes: dict) -> list[Group]:
+    groups = []
+    for i in range(0, len(members), n):
+        chunk = members[i : i + n]
+        d_in, d_out = shapes[chunk[0]]
+        groups.append(Group(_group_key(type_name, chunk), chunk, d_in, d_out))
+    return groups
+
+
+def plan_groups(model_type: str | None, types: dict[str, list[str]], config: SharedBasisConfig,
+                shapes: dict) -> list[Group]:
+    """The groups for an integer ``group_size``: shared matrix types in chunks of ``group_size``
+    consecutive layers, the others private (one layer each). Used by the whole-model and the
+    layer-sequential paths alike, so both form the same groups in the same order."""
+    shared = config.shared_modules
+    if shared is None:
+        shared = DEFAULT_SHARED_MODULES.get(model_type, [])
+    groups = []
+    for type_name, members in types.items():
+        is_shared = any(type_name == s or type_name.endswith("." + s) for s in shared)
+        groups += chunk(type_name, members, config.group_size if is_shared else 1, shapes)
+    return groups
+
+
+def group_gram(stats, members: list[str]) -> torch.Tensor:
+    """The input Gram of a group: its members' distinct inputs (q/k/v of one layer share one), summed once."""
+    keys = tuple(sorted({stats.sources[m] for m in members}))
+    return stats.grams[keys[0]] if len(keys) == 1 else sum(stats.grams[k] for k in keys)
+
+
+def record_groups(config: SharedBasisConfig, groups: list[Group], ranks: list[int]) -> None:
+    """Write the groups and ranks into the config, so ``PeftModel.from_pretrained`` rebuilds the exact shapes.
+    ``rank_pattern`` is keyed by module, as PEFT expects (it warns about keys matching no target)."""
+    for g, rank in zip(groups, ranks):
+        config.groups[g.key] = g.members
+        config.rank_pattern.update({m: rank for m in g.members})
+
+
+# ---- the rank budget -----------------------------------------------------------------------------------
+def uniform_rank(g: Group, config: SharedBasisConfig) -> int:
+    """The group's own ratio's rank (at least 1, at most its full rank)."""
+    r_max = min(g.d_in, len(g.members) * g.d_out)
+    return max(1, min(rank_for_ratio(g.d_in, g.d_out, config.compression_ratio, len(g.members)), r_max))
+
+
+def rank_bounds(groups: list[Group], config: SharedBasisConfig) -> tuple[int, list[int]]:
+    """The budget, and the largest rank each group may get (uniform: its own ratio's rank + 1)."""
+    budget = int((1 - config.compression_ratio) * sum(g.dense_params for g in groups))
+    floors = [uniform_rank(g, config) for g in groups]
+    if sum(f * g.cost for f, g in zip(floors, groups)) > budget:
+        worst = min(groups, key=lambda g: g.dense_params)
+        raise ValueError(
+            f"compression_ratio={config.compression_ratio} leaves less than one rank for {worst.members[0]} "
+            f"({worst.d_out}x{worst.d_in}); lower the ratio or exclude the smallest modules."
+        )
+    r_max = [min(g.d_in, len(g.members) * g.d_out) for g in groups]
+    if config.rank_allocation == "uniform":
+        return budget, [min(f + 1, m) for f, m in zip(floors, r_max)]
+    return budget, r_max
+
+
+def allocate_ranks(groups: list[Group], config: SharedBasisConfig, spectrum) -> list[int]:
+    """Ranks within ``(1 - ratio)`` of the targeted dense parameters and within one rank step of it.
+
+    ``spectrum(group)``: the group's whitened spectrum normalised to sum 1 (the relative error each
+    direction removes). ``uniform``: every group at its own ratio's rank, plus at most one step where
+    the leftover removes most error. ``global``: every group gets at least ``GLOBAL_MIN_FRACTION`` of
+    its uniform rank; the rest goes to the directions removing the most relative error per parameter,
+    a group counting once per member (so a shared group's error weighs as much as its members')."""
+    budget, caps = rank_bounds(groups, config)
+    floors = [uniform_rank(g, config) for g in groups]
+    if config.rank_allocation == "uniform":
+        r_min = floors
+    else:
+        r_min = [max(1, int(GLOBAL_MIN_FRACTION * f)) for f in floors]
+    scores = [spectrum(g) * len(g.members) for g in groups]
+    return greedy_allocate(scores, [g.cost for g in groups], budget, r_min=r_min, r_max=caps)
