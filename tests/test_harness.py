@@ -102,7 +102,7 @@ def setup(tmp_path_factory):
             "dense_scores": dense_scores}
 
 
-def test_accuracy_is_the_compressed_models_own_choice_in_memory_and_merged(setup, tmp_path):
+def test_accuracy_is_the_compressed_models_own_choice_in_memory_merged_and_lean(setup, tmp_path):
     model, tokenizer = setup["model"], setup["tokenizer"]
     scores = own_loglikelihoods(model, tokenizer)
     # the compression changed the model, so a harness that scored the dense weights would be caught below
@@ -116,7 +116,7 @@ def test_accuracy_is_the_compressed_models_own_choice_in_memory_and_merged(setup
     assert result["metrics"][TASK]["acc_norm"] == pytest.approx(acc_norm)
     assert result["lm_eval"]["n-samples"][TASK]["effective"] == len(DOCS)
 
-    # a merged model, saved as a plain model folder and loaded back, scores the same choices
+    # a merged model, saved as a plain model folder and loaded back, scores the same
     merged_dir = tmp_path / "merged"
     reloaded, _ = load_for_eval(str(setup["adapter"]))
     reloaded.merge_and_unload().save_pretrained(merged_dir)
@@ -124,6 +124,11 @@ def test_accuracy_is_the_compressed_models_own_choice_in_memory_and_merged(setup
     merged, merged_tokenizer = load_for_eval(str(merged_dir))
     merged_result = evaluate_lm_eval(merged, merged_tokenizer, names, task_manager=manager, limit=4)
     np.testing.assert_allclose(harness_loglikelihoods(merged_result["lm_eval"]), scores[:4], atol=1e-4)
+
+    # and so does the lean-loaded model (the replaced dense weights never read; docs/evaluation.md suggests it)
+    lean = peft_basis.load_lean(str(setup["base"]), str(setup["adapter"]))
+    lean_result = evaluate_lm_eval(lean, tokenizer, names, task_manager=manager, limit=4)
+    np.testing.assert_allclose(harness_loglikelihoods(lean_result["lm_eval"]), scores[:4], atol=1e-4)
 
 
 def test_cli_eval_of_the_saved_adapter_gives_the_same_accuracy(setup, tmp_path):
