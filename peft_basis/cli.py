@@ -7,6 +7,10 @@
 
     peft-basis calibrate --method basis --rank-allocation fisher --sequential --output stats.safetensors
         # statistics for BASIS / Basel / Basis Sharing, saved for `peft_basis.use_statistics(config, path)`
+
+    peft-basis eval --model out/shared_basis --tasks arc_easy,piqa --limit 200 --output results.json
+        # lm-evaluation-harness benchmarks on an adapter (base read from its adapter_config.json, or --base)
+        # or a model folder; your own task YAMLs with --include-path (needs `pip install 'peft-basis[eval]'`)
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "calibrate":
         run_calibrate(argv[1:])
+    elif argv and argv[0] == "eval":
+        run_eval(argv[1:])
     else:
         run(argv)
     return 0
@@ -146,6 +152,65 @@ def run_calibrate(argv: list[str] | None = None) -> dict:
           + f"; {seconds:.1f} s, peak memory {_mb(result['peak_rss_bytes'])}")
     print(f"saved to {args.output}; use with:\n  config = peft_basis.{CALIBRATE_CONFIGS[args.method]}(...)  # as above\n"
           f"  peft_basis.use_statistics(config, {args.output!r}); peft_model = get_peft_model(model, config)")
+    return result
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="peft-basis eval",
+        description="Run lm-evaluation-harness tasks on an adapter (PeftModel.from_pretrained onto its base model) "
+                    "or a model folder (dense or merged), with lm-eval's own HFLM. Needs "
+                    "`pip install 'peft-basis[eval]'`.")
+    p.add_argument("--model", required=True,
+                   help="an adapter folder (holding adapter_config.json) or a Hugging Face model folder")
+    p.add_argument("--base", default=None,
+                   help="with an adapter: the base model folder (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. arc_easy,piqa")
+    p.add_argument("--include-path", default=None, help="a folder of your own lm-eval task YAMLs")
+    p.add_argument("--limit", type=float, default=None,
+                   help="examples per task (quick runs; a fraction of each task if < 1)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    p.add_argument("--batch-size", default="8", help="an integer, or 'auto' (lm-eval finds the largest that fits)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--output", default=None, help="write the metrics and lm-eval's results (without samples) to this JSON")
+    p.add_argument("--threads", type=int, default=None)
+    return p
+
+
+def run_eval(argv: list[str] | None = None) -> dict:
+    """``peft-basis eval``: lm-eval benchmarks on a saved adapter or model; returns ``evaluate_lm_eval``'s result."""
+    args = build_eval_parser().parse_args(argv)
+    from peft_basis.harness import eval_source, evaluate_lm_eval, load_for_eval, resolve_tasks
+
+    if args.limit is not None and args.limit <= 0:
+        raise SystemExit("--limit must be positive: a number of examples per task, or a fraction below 1.")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    if not ((args.batch_size.isdigit() and int(args.batch_size) > 0) or args.batch_size.startswith("auto")):
+        raise SystemExit(f"--batch-size {args.batch_size!r}: pass a positive integer or 'auto'.")
+    batch_size = args.batch_size if args.batch_size.startswith("auto") else int(args.batch_size)
+    # Everything checkable is checked before the model is loaded (which can take minutes).
+    try:
+        kind, base = eval_source(args.model, args.base)
+        tasks, manager = resolve_tasks(args.tasks, args.include_path)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise SystemExit(str(e)) from None
+    if args.output and os.path.dirname(args.output):
+        os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"lm-eval {', '.join(tasks)} on {args.model}" + (f" (adapter on {base})" if kind == "adapter" else f" ({kind})"))
+    model, tokenizer = load_for_eval(args.model, base)
+    result = evaluate_lm_eval(model, tokenizer, tasks, num_fewshot=args.num_fewshot, limit=limit,
+                              batch_size=batch_size, device=args.device, task_manager=manager)
+    from lm_eval.utils import make_table
+
+    print(make_table(result["lm_eval"]))
+    if args.output:
+        raw = {k: v for k, v in result["lm_eval"].items() if k != "samples"}
+        with open(args.output, "w") as f:
+            json.dump({"model": args.model, "base": base, "tasks": tasks, "metrics": result["metrics"],
+                       "lm_eval": raw}, f, indent=2, default=str)
+        print(f"results written to {args.output}")
     return result
 
 

@@ -57,3 +57,16 @@ def fresh_copy(model):
 def token_batches(n: int = 4, batch: int = 4, seq: int = 32, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (batch, seq), generator=g) for _ in range(n)]
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer built offline (printable ASCII and newline, ids < VOCAB), for tests
+    that need text in and out of the tiny models: every character is one token, no special token is added."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    symbols = ["<unk>", "<s>", "</s>", "\n"] + [chr(i) for i in range(32, 127)]
+    tok = Tokenizer(models.WordLevel({s: i for i, s in enumerate(symbols)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
