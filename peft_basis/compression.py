@@ -45,6 +45,11 @@ def compress_sequential(
     statistics accumulate (e.g. ``f"cuda:{local_rank}"`` with NCCL).
     """
     method = method_for(config)
+    if method.needs_fisher(config):  # the dense model's Grams and Fisher scores first (its ranks come from them)
+        from .calibration import calibrate_sequential
+
+        options["statistics"] = calibrate_sequential(model, config, dataloader, max_batches=max_batches,
+                                                     progress=progress, dtype=dtype, device=device)
     handler = method.layer_compressor(config, output_dir, **options)
     if handler is None:
         raise TypeError(

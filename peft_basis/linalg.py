@@ -31,7 +31,8 @@ import torch
 from .errors import CalibrationError
 
 __all__ = [
-    "DEFAULT_DAMPING", "CalibrationError", "GroupFactors", "Whitener", "WhitenerCache", "canonical_signs",
+    "DEFAULT_DAMPING", "CalibrationError", "GroupFactors", "Whitener", "WhitenerCache", "anchored_error",
+    "anchored_factorize", "anchored_target", "canonical_signs",
     "check_finite_gram", "decomposition_threads", "factorize_group", "group_spectrum", "member_error",
     "member_errors", "normalised_spectrum", "robust_eigh", "warn_if_rank_deficient", "whitened_svd",
 ]
@@ -302,3 +303,63 @@ def member_errors(weight: torch.Tensor, coefficient: torch.Tensor, basis: torch.
 def normalised_spectrum(eigenvalues: torch.Tensor) -> torch.Tensor:
     """The relative calibration error each direction removes (the whitened spectrum summing to 1)."""
     return eigenvalues / eigenvalues.sum().clamp_min(1e-300)
+
+
+# ---- the anchored factorisation: fit the dense outputs from the compressed model's inputs -------------
+def anchored_target(weight: torch.Tensor, gram_s: torch.Tensor, cross: torch.Tensor, anchor: float,
+                    damping: float = DEFAULT_DAMPING, name: str = "module") -> torch.Tensor:
+    """The full-rank least-squares fit ``W* = W (b C + (1 - b) Gs) Gs^-1 = (1 - b) W + b W C Gs^-1`` (float64).
+
+    ``X`` (tokens x d_in): the module's inputs in the dense model, ``Xs``: in the model compressed so far;
+    ``gram_s = Xs^T Xs``, ``cross = X^T Xs``. ``W*`` minimises ``||X_b W^T - Xs W*^T||`` with the target inputs
+    ``X_b = b X + (1 - b) Xs``: ``b = 1`` reproduces the dense outputs from the compressed inputs (fully
+    anchored), ``b = 0`` is the plain fit on the compressed inputs (``W* = W``). ``Gs`` is damped as every Gram
+    here (``damping * mean eigenvalue``) and inverted by a Cholesky solve, never explicitly."""
+    w = weight.detach().to(torch.float64)
+    if anchor == 0:
+        return w
+    gs = _damped_gram(gram_s, damping, name)
+    L = _input_factor(gs, damping, name)
+    wc = w @ cross.detach().to(torch.float64)
+    with decomposition_threads():
+        fitted = torch.cholesky_solve(wc.T.contiguous(), L).T  # W C Gs^-1 (Gs symmetric)
+    return (1 - anchor) * w + anchor * fitted
+
+
+def anchored_factorize(weights: list[torch.Tensor], grams_s: list[torch.Tensor], crosses: list[torch.Tensor],
+                       rank: int, anchor: float, damping: float = DEFAULT_DAMPING, name: str = "module",
+                       ) -> GroupFactors:
+    """Rank-``rank`` factors ``W_i ~ C_i B`` (one basis ``B`` shared by the members) minimising
+    ``sum_i ||X_b,i W_i^T - Xs_i (C_i B)^T||^2``: each member's output on its anchored target inputs,
+    reproduced from its compressed inputs (:func:`anchored_target`).
+
+    One member: reduced-rank regression, exact: truncate ``W*`` in the ``Gs`` norm (the whitened
+    factorisation of ``W*`` with ``Gs``). Several members (a shared basis, each with its own ``Gs_i``): the
+    basis from the stacked ``W*_i`` in the summed ``Gs`` norm (exact when the ``Gs_i`` are equal), then each
+    member's coefficient refitted exactly for that basis in its own norm,
+    ``C_i = W*_i Gs_i B^T (B Gs_i B^T)^-1``."""
+    targets = [anchored_target(w, g, c, anchor, damping, name) for w, g, c in zip(weights, grams_s, crosses)]
+    if len(targets) == 1:
+        return factorize_group(targets, grams_s[0], rank, damping, name)
+    f = factorize_group(targets, sum(g.to(torch.float64) for g in grams_s), rank, damping, name)
+    basis = f.basis.to(torch.float64)
+    coefficients = []
+    for t, g in zip(targets, grams_s):
+        gb = _damped_gram(g, damping, name) @ basis.T  # Gs_i B^T
+        with decomposition_threads():
+            coef = torch.linalg.solve(basis @ gb, (t @ gb).T).T  # (W* Gs B^T)(B Gs B^T)^-1
+        coefficients.append(coef.to(torch.float32).contiguous())
+    return GroupFactors(f.basis, coefficients, f.eigenvalues)
+
+
+def anchored_error(weight: torch.Tensor, coefficient: torch.Tensor, basis: torch.Tensor, gram: torch.Tensor,
+                   cross: torch.Tensor, gram_s: torch.Tensor) -> float:
+    """``||X W^T - Xs (C B)^T||^2 / ||X W^T||^2``: how far the factorised module, fed the compressed model's inputs,
+    is from the dense module's outputs, from the statistics alone (``gram = X^T X``, ``cross = X^T Xs``,
+    ``gram_s = Xs^T Xs``; for instance on calibration tokens held apart from the fitted ones)."""
+    w = weight.detach().to(torch.float64)
+    approx = coefficient.to(torch.float64) @ basis.to(torch.float64)
+    dense = float(((w @ gram.to(torch.float64)) * w).sum())
+    mixed = float(((w @ cross.to(torch.float64)) * approx).sum())
+    compressed = float(((approx @ gram_s.to(torch.float64)) * approx).sum())
+    return max(dense - 2 * mixed + compressed, 0.0) / max(dense, 1e-300)

@@ -43,6 +43,21 @@ def calibrate(
         return calibrate_sequential(model, config, dataloader, max_batches=max_batches, progress=progress,
                                     save_to=save_to, activations="memory")
     method = method_for(config)
+    if statistics is None and method.layer_calibrator(config) is not None:
+        # the method's statistics need the compressed model's activations, layer by layer (after the dense model's
+        # own statistics where it needs them too: Fisher scores for its ranks)
+        if dataloader is None:
+            raise ValueError("calibrate needs a `dataloader` (or precomputed `statistics`).")
+        dense = None
+        if method.needs_fisher(config):
+            dense = _whole_model_statistics(model, config, method, dataloader, max_batches, progress)
+        handler = method.layer_calibrator(config, dense)
+        stats = LayerSequentialPipeline(model, lambda m: method.resolve_target_names(m, config), dataloader,
+                                        max_batches=max_batches, progress=progress).run(handler)
+        if save_to is not None:
+            stats.save(save_to)
+        use_statistics(config, stats)
+        return stats
     names = method.resolve_target_names(model, config)
     run = WholeModelPipeline(model, names, dataloader, max_batches=max_batches, progress=progress)
     if statistics is not None:
@@ -65,6 +80,16 @@ def calibrate(
     if save_to is not None:
         stats.save(save_to)
     use_statistics(config, stats)
+    return stats
+
+
+def _whole_model_statistics(model, config, method, dataloader, max_batches, progress) -> CalibrationStatistics:
+    names = method.resolve_target_names(model, config)
+    run = WholeModelPipeline(model, names, dataloader, max_batches=max_batches, progress=progress)
+    stats = run.grams()
+    if method.needs_fisher(config):
+        plan = method.fisher_plan(model, config, names, stats)
+        plan.store(stats, run.fisher(plan, stats))
     return stats
 
 

@@ -52,18 +52,20 @@ def fisher_key(module_name: str, key: str = "fisher") -> str:
 class FisherPlan:
     """What a method wants Fisher scores of: ``directions`` (``name -> (U, R)``), the ``mode``, the ``key``
     they are stored under, and whether to sum a ``"full"`` score matrix over one dimension before storing
-    (``reduce_dim``). A tuner's ``fisher_plan`` returns one; both pipelines (whole model and layer by layer)
-    run it the same way."""
+    (``reduce_dim``). ``extra``: tensors stored beside the scores (e.g. the directions' singular values). A
+    tuner's ``fisher_plan`` returns one; both pipelines (whole model and layer by layer) run it the same way."""
 
     directions: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]
     mode: str
     key: str = "fisher"
     reduce_dim: int | None = None
     meta: dict = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def store(self, stats: CalibrationStatistics, scores: dict[str, torch.Tensor]) -> None:
         for n, f in scores.items():
             stats.extra[fisher_key(n, self.key)] = f if self.reduce_dim is None else f.sum(self.reduce_dim)
+        stats.extra.update(self.extra)
         stats.meta.update(self.meta)
 
 

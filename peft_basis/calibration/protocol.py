@@ -13,7 +13,12 @@ is a :class:`CalibrationMethod`. The pipelines ask it, never guess by attribute 
 - ``has_layer_summary`` / ``layer_summary(model, config, names, stats)``: what ``get_peft_model`` needs of
   one layer's Grams, computed while the layer is loaded, so the layer-sequential pipeline can keep that
   instead of the Grams (``calibrate_sequential(..., keep_grams=False)``).
-- ``layer_compressor(config, output_dir, **options)``: a
+- ``layer_calibrator(config, statistics=None)``: a
+  :class:`~peft_basis.calibration.pipelines.handler.LayerHandler` whose run returns the statistics, for a
+  config whose statistics need the layer-sequential pipeline (Basis Sharing's anchored fit: each layer is
+  fitted on the compressed model's inputs); ``None`` (default): the whole-model pipeline serves. When the
+  method also ``needs_fisher``, ``statistics`` holds the dense model's Grams and Fisher scores, computed first.
+- ``layer_compressor(config, output_dir, statistics=None, **options)``: a
   :class:`~peft_basis.calibration.pipelines.handler.LayerHandler` that compresses the model layer by
   layer and writes the adapter (``peft_basis.compress_sequential``); ``None`` where the method has none.
 """
@@ -54,7 +59,11 @@ class CalibrationMethod(abc.ABC):
         raise NotImplementedError(f"{cls.__name__} keeps no layer summary; it needs the Grams themselves.")
 
     @classmethod
-    def layer_compressor(cls, config, output_dir: str, **options):
+    def layer_calibrator(cls, config, statistics=None):
+        return None
+
+    @classmethod
+    def layer_compressor(cls, config, output_dir: str, statistics=None, **options):
         return None
 
 

@@ -29,6 +29,7 @@ handler keeps.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterable
 from itertools import islice
 
@@ -220,6 +221,77 @@ class LayerSequentialPipeline:
                     self.cache.put(store, b, out[0] if isinstance(out, (tuple, list)) else out)
         if collector is not None:
             collector.end_batch()
+
+    def input_order(self, layer: nn.Module, modules: dict[str, nn.Module], stream: str = "dense") -> list[list[str]]:
+        """``modules`` grouped by the tensor they read (q/k/v read one), in the order ``layer`` calls them (batch 0)."""
+        order: list[tuple[str, int]] = []
+        seen: dict[int, tuple] = {}  # id(tensor) -> (weakref, input number); the weakref proves it is the same tensor
+
+        def hook(name):
+            def pre_hook(_module, args, kwargs=None):
+                x = args[0] if args else next(iter(kwargs.values()))
+                known = seen.get(id(x))
+                if known is None or known[0]() is not x:
+                    known = seen[id(x)] = (weakref.ref(x), len(order) and max(k for _, k in order) + 1)
+                order.append((name, known[1]))
+
+            return pre_hook
+
+        call = self.call_args[0]
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+        try:
+            with torch.no_grad():
+                layer(self.cache.get(stream, 0, self.device), *call.args, **call.kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        groups: dict[int, list[str]] = {}
+        for name, key in order:
+            if name not in groups.setdefault(key, []):
+                groups[key].append(name)
+        return [groups[k] for k in sorted(groups)]
+
+    def forward(self, layer: nn.Module, stream: str, batch: int) -> torch.Tensor:
+        """``layer``'s output hidden states on one batch of ``stream`` (gradients as the caller's context says)."""
+        call = self.call_args[batch]
+        out = layer(self.cache.get(stream, batch, self.device), *call.args, **call.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def capture_inputs(self, layer: nn.Module, stream: str, modules: dict[str, nn.Module], *,
+                       batches: Iterable[int] | None = None):
+        """Per batch of ``stream``, the inputs of ``modules`` when ``layer`` runs on it (as it is now): yields
+        ``(batch_index, {name: tokens x d_in})``, padded tokens removed, in float32. The forward stops as soon
+        as every module has been reached, so capturing the first modules of a layer costs little."""
+        wanted = set(modules)
+        for b in range(len(self.call_args)) if batches is None else batches:
+            call, got = self.call_args[b], {}
+
+            def hook(name):
+                def pre_hook(_module, args, kwargs=None):
+                    x = args[0] if args else next(iter(kwargs.values()))
+                    flat = x.detach().reshape(-1, x.shape[-1])
+                    if call.token_mask is not None and call.token_mask.numel() == flat.shape[0]:
+                        flat = flat[call.token_mask]
+                    got[name] = flat.float()
+                    if len(got) == len(wanted):
+                        raise _Captured
+
+                return pre_hook
+
+            handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+            try:
+                with torch.no_grad():
+                    layer(self.cache.get(stream, b, self.device), *call.args, **call.kwargs)
+            except _Captured:
+                pass
+            finally:
+                for h in handles:
+                    h.remove()
+            missing = wanted - set(got)
+            if missing:
+                raise CalibrationError(f"{sorted(missing)[:3]} were never called by {type(layer).__name__}; remove "
+                                       "them from `target_modules`.")
+            yield b, got
 
     # -- steps ----------------------------------------------------------------------------------------
     def _embed(self, streams: str) -> None:

@@ -42,7 +42,27 @@ class SharedBasisConfig(PeftBasisConfig):
             where the leftover budget helps most) or ``"global"`` (every group gets at least a quarter of
             its uniform rank; the rest of one budget goes where it cuts the relative calibration error
             most per parameter). Measured on SmolLM2-135M, ``"global"`` was worse than ``"uniform"`` at
-            every ratio (docs/shared_basis.md): keep the default unless you measure otherwise.
+            every ratio (docs/shared_basis.md): keep the default unless you measure otherwise. ``"loss"``: the
+            same floor, the rest of the budget by each direction's estimated increase of the model's loss
+            (``0.5 sigma^2 F`` with ``F`` its empirical Fisher: ``calibrate`` then runs backward passes too);
+            private factors only (``group_size=1``).
+        inputs: what each module's factors are fitted to. ``"dense"`` (the paper, SVD-LLM): the dense model's
+            inputs, whitened; one whole-model calibration pass. ``"anchored"``: the dense model's OUTPUTS,
+            reproduced from the inputs the module sees in the model compressed so far (earlier layers and
+            earlier modules of its layer), so errors do not compound with depth; ``calibrate`` then runs
+            the layer-sequential pipeline (one decoder layer at a time, two activation streams) and every
+            module gets private factors (``group_size=1``). See docs/shared_basis.md for what each costs
+            and measured.
+        anchor: with ``inputs="anchored"``, how far the fit's target moves from the compressed inputs
+            (``0``: fit the dense weights on the compressed inputs) to the dense ones (``1``: reproduce the
+            dense outputs exactly); ``"auto"`` chooses per sub-layer among ``anchor_candidates`` by the
+            error on calibration batches held apart from the fitted ones.
+        holdout_fraction: share of the calibration batches held apart to choose ``anchor`` and to stop
+            block refinement (then refitted with all of them).
+        refine_epochs / refine_lr: with ``inputs="anchored"``, block refinement: after a decoder layer is
+            factorised, its factors are trained jointly with Adam (``refine_epochs`` passes over the fitted
+            batches, cosine-decayed ``refine_lr``) so the layer's output on the compressed model's inputs
+            matches the dense layer's output on the dense inputs. ``0``: off.
         keep_dense_weight: keep the original dense weights in memory (needed for
             ``disable_adapter()``); off by default, since dropping them is what makes the model smaller.
         groups: filled at creation: group key -> member module names. With ``rank_pattern`` it lets
@@ -59,6 +79,13 @@ class SharedBasisConfig(PeftBasisConfig):
     rank_allocation: str = field(default="uniform", metadata={"help": "'uniform' or 'global'."})
     keep_dense_weight: bool = field(default=False, metadata={"help": "Keep dense weights (for disable_adapter)."})
     groups: dict = field(default_factory=dict, metadata={"help": "Filled at creation: group -> module names."})
+    inputs: str = field(default="dense", metadata={"help": "'dense' or 'anchored': what the factors are fitted to."})
+    anchor: Union[float, str] = field(default="auto", metadata={"help": "Anchored target interpolation b, or 'auto'."})
+    anchor_candidates: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 0.75, 1.0],
+                                           metadata={"help": "The anchors 'auto' chooses among."})
+    holdout_fraction: float = field(default=0.25, metadata={"help": "Calibration batches held apart for choices."})
+    refine_epochs: int = field(default=0, metadata={"help": "Block refinement epochs (0: off)."})
+    refine_lr: float = field(default=1e-4, metadata={"help": "Block refinement learning rate."})
 
     def replaced_modules(self) -> list[str]:
         """The modules whose dense weight this adapter replaces (what lean loading never reads)."""
@@ -74,7 +101,19 @@ class SharedBasisConfig(PeftBasisConfig):
             )
         if self.group_size != "auto" and not (isinstance(self.group_size, int) and self.group_size >= 1):
             raise ValueError(f"group_size must be a positive int or 'auto', got {self.group_size!r}")
-        if self.rank_allocation not in ("uniform", "global"):
-            raise ValueError(f"rank_allocation must be 'uniform' or 'global', got {self.rank_allocation!r}")
+        if self.rank_allocation not in ("uniform", "global", "loss"):
+            raise ValueError(f"rank_allocation must be 'uniform', 'global' or 'loss', got {self.rank_allocation!r}")
+        if self.inputs not in ("dense", "anchored"):
+            raise ValueError(f"inputs must be 'dense' or 'anchored', got {self.inputs!r}.")
+        if self.anchor != "auto" and not (isinstance(self.anchor, (int, float)) and 0 <= self.anchor <= 1):
+            raise ValueError(f"anchor must be a number in [0, 1] or 'auto', got {self.anchor!r}.")
+        if not self.anchor_candidates or not all(isinstance(a, (int, float)) and 0 <= a <= 1
+                                                 for a in self.anchor_candidates):
+            raise ValueError(f"anchor_candidates must be numbers in [0, 1], got {self.anchor_candidates!r}.")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction!r}.")
+        if not (isinstance(self.refine_epochs, int) and self.refine_epochs >= 0) or not self.refine_lr > 0:
+            raise ValueError(f"refine_epochs must be an int >= 0 and refine_lr > 0, got {self.refine_epochs!r}, "
+                             f"{self.refine_lr!r}.")
         if isinstance(self.shared_modules, set):
             self.shared_modules = sorted(self.shared_modules)

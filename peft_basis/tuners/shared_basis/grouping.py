@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ...budget import greedy_allocate, rank_for_ratio
+from ...budget import greedy_allocate, max_profitable_rank, rank_for_ratio
 from ...modules import layer_index, module_type
 from .config import DEFAULT_SHARED_MODULES, SharedBasisConfig
 
-__all__ = ["GLOBAL_MIN_FRACTION", "Group", "allocate_ranks", "by_type", "chunk", "group_gram", "plan_groups",
-           "rank_bounds", "uniform_rank"]
+__all__ = ["GLOBAL_MIN_FRACTION", "Group", "allocate_ranks", "by_type", "chunk", "group_gram", "loss_scores",
+           "plan_groups", "rank_bounds", "record_groups", "scored_rank", "uniform_rank"]
 
 # Global allocation: every group first gets this fraction of its uniform rank, so that no module is
 # starved (a module with a flat whitened spectrum scores low per parameter everywhere, yet a
@@ -121,19 +121,74 @@ def rank_bounds(groups: list[Group], config: SharedBasisConfig) -> tuple[int, li
     return budget, r_max
 
 
-def allocate_ranks(groups: list[Group], config: SharedBasisConfig, spectrum) -> list[int]:
+def allocate_ranks(groups: list[Group], config: SharedBasisConfig, spectrum, stats=None) -> list[int]:
     """Ranks within ``(1 - ratio)`` of the targeted dense parameters and within one rank step of it.
 
     ``spectrum(group)``: the group's whitened spectrum normalised to sum 1 (the relative error each
     direction removes). ``uniform``: every group at its own ratio's rank, plus at most one step where
     the leftover removes most error. ``global``: every group gets at least ``GLOBAL_MIN_FRACTION`` of
     its uniform rank; the rest goes to the directions removing the most relative error per parameter,
-    a group counting once per member (so a shared group's error weighs as much as its members')."""
+    a group counting once per member (so a shared group's error weighs as much as its members').
+    ``loss``: the same floor, the rest by the estimated increase of the model's loss each direction's
+    removal causes (:func:`loss_scores`, from the Fisher scores in ``stats``)."""
     budget, caps = rank_bounds(groups, config)
     floors = [uniform_rank(g, config) for g in groups]
     if config.rank_allocation == "uniform":
         r_min = floors
     else:
         r_min = [max(1, int(GLOBAL_MIN_FRACTION * f)) for f in floors]
-    scores = [spectrum(g) * len(g.members) for g in groups]
+    if config.rank_allocation == "loss":
+        scores = loss_scores(groups, stats)
+        caps = [min(c, len(s)) for c, s in zip(caps, scores)]
+    else:
+        scores = [spectrum(g) * len(g.members) for g in groups]
     return greedy_allocate(scores, [g.cost for g in groups], budget, r_min=r_min, r_max=caps)
+
+
+def scored_rank(g: Group) -> int:
+    """How many leading directions of a group ``rank_allocation="loss"`` scores: up to the rank at which the
+    factors stop saving parameters."""
+    return max(1, min(g.d_in, g.d_out, max_profitable_rank(g.d_in, g.d_out)))
+
+
+def loss_scores(groups: list[Group], stats) -> list[torch.Tensor]:
+    """Per group, the estimated increase of the loss when each direction (in spectrum order) is dropped:
+    ``0.5 sigma_i^2 F_i`` (``F_i`` the empirical Fisher of the direction's scale, ``sigma_i`` its whitened
+    singular value; second-order Taylor around the dense model). The greedy allocation adds directions in
+    spectrum order (a truncation keeps the leading ones), so each group's scores are replaced by the slopes
+    of the upper concave hull of their running sum: non-increasing, and a run of directions is bought as a
+    whole when a later one makes it worth it."""
+    if stats is None:
+        raise ValueError("rank_allocation='loss' needs Fisher scores: call `peft_basis.calibrate(model, config, "
+                         "dataloader)` with this config first (it runs the backward passes).")
+    out = []
+    for g in groups:
+        if len(g.members) != 1:
+            raise ValueError(f"rank_allocation='loss' scores private factors; {g.key} shares a basis across "
+                             f"{len(g.members)} layers. Pass group_size=1 (or shared_modules=[]).")
+        (m,) = g.members
+        key, sig = f"fisher/{m}", f"sigma2/{m}"
+        if key not in stats.extra or sig not in stats.extra:
+            raise ValueError(f"No Fisher scores for {m} in these statistics: calibrate with rank_allocation='loss' "
+                             "(the backward passes compute them).")
+        out.append(_concave_steps(0.5 * stats.extra[sig].double() * stats.extra[key].double().clamp_min(0)))
+    return out
+
+
+def _concave_steps(scores: torch.Tensor) -> torch.Tensor:
+    """The slopes of the least concave majorant of ``cumsum(scores)``: the best average gain per step of any
+    prefix extension, non-increasing."""
+    cum = torch.cat([scores.new_zeros(1), scores.cumsum(0)]).tolist()
+    hull = [0]
+    for i in range(1, len(cum)):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (cum[b] - cum[a]) * (i - a) <= (cum[i] - cum[a]) * (b - a):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    steps = torch.empty(len(scores), dtype=torch.float64)
+    for a, b in zip(hull, hull[1:]):
+        steps[a:b] = (cum[b] - cum[a]) / (b - a)
+    return steps

@@ -19,7 +19,16 @@ from tqdm.auto import tqdm
 from ...budget import greedy_allocate
 from ...calibration.grams import batch_to_kwargs
 from ...distributed import broadcast_object
-from ...linalg import GroupFactors, factorize_group, group_spectrum, member_errors, normalised_spectrum
+from ...calibration.fisher import FisherPlan
+from ...linalg import (
+    GroupFactors,
+    WhitenerCache,
+    factorize_group,
+    group_spectrum,
+    member_errors,
+    normalised_spectrum,
+    whitened_svd,
+)
 from ...modules import in_out_features, linear_weight
 from ..base import PeftBasisTuner, warn_no_calibration
 from ..factorized import dense_is_dropped, drop_dense_weight, factorized_forward
@@ -33,10 +42,12 @@ from .grouping import (
     plan_groups,
     rank_bounds,
     record_groups,
+    scored_rank,
     uniform_rank,
 )
 from .layer import SharedBasisLayer
-from .sequential import SharedBasisLayerCompressor
+from .anchored import AnchoredCompressor
+from .sequential import AdapterSink, SharedBasisLayerCompressor, StatisticsSink
 
 
 class SharedBasisModel(PeftBasisTuner):
@@ -48,9 +59,47 @@ class SharedBasisModel(PeftBasisTuner):
     uses_shared_state = True
 
     @classmethod
-    def layer_compressor(cls, config, output_dir: str, **options) -> SharedBasisLayerCompressor:
-        """Layer-by-layer compression (``peft_basis.compress_sequential``): see :mod:`.sequential`."""
-        return SharedBasisLayerCompressor(config, output_dir, **options)
+    def layer_compressor(cls, config, output_dir: str, *, statistics=None, inputs: str | None = None, **options):
+        """Layer-by-layer compression (``peft_basis.compress_sequential``): ``inputs`` (default: the config's)
+        ``"dense"`` / ``"compressed"`` (:mod:`.sequential`) or ``"anchored"`` (:mod:`.anchored`)."""
+        inputs = inputs or config.inputs
+        if inputs == "anchored":
+            if options:
+                raise TypeError(f"inputs='anchored' takes no {sorted(options)}.")
+            return AnchoredCompressor(config, AdapterSink(output_dir), statistics=statistics)
+        if config.rank_allocation == "loss":
+            raise ValueError("compress_sequential with rank_allocation='loss' needs inputs='anchored'; for dense "
+                             "inputs use calibrate + get_peft_model (the whole model in memory).")
+        return SharedBasisLayerCompressor(config, output_dir, inputs=inputs, **options)
+
+    @classmethod
+    def layer_calibrator(cls, config, statistics=None):
+        """``inputs="anchored"``: the factors themselves are the statistics (``get_peft_model`` injects them)."""
+        if isinstance(config, SharedBasisConfig) and config.inputs == "anchored":
+            return AnchoredCompressor(config, StatisticsSink(), statistics=statistics)
+        return None
+
+    # ---- calibration: Fisher scores of each module's directions, for rank_allocation="loss" --------------
+    @classmethod
+    def needs_fisher(cls, config) -> bool:
+        return isinstance(config, SharedBasisConfig) and config.rank_allocation == "loss"
+
+    @classmethod
+    def fisher_plan(cls, model, config, names: list[str], stats) -> FisherPlan | None:
+        """Each module's leading whitened directions (``W = U diag(sigma) R``, dense-input Grams), as many as
+        can be kept profitably; the Fisher of each direction's scale is what dropping it costs in loss."""
+        if not cls.needs_fisher(config):
+            return None
+        whitener = WhitenerCache(stats, config.damping)
+        directions, extra = {}, {}
+        for n in names:
+            module = model.get_submodule(n)
+            d_in, d_out = in_out_features(module)
+            k = scored_rank(Group(n, [n], d_in, d_out))
+            u, s, r = whitened_svd(linear_weight(module), whitener(n), k)
+            directions[n] = (u.float().contiguous(), r.float().contiguous())
+            extra[f"sigma2/{n}"] = (s[:k] ** 2).float()
+        return FisherPlan(directions, "diagonal", "fisher", extra=extra)
 
     def _check_new_adapter_config(self, config) -> None:
         super()._check_new_adapter_config(config)
@@ -148,9 +197,33 @@ class SharedBasisModel(PeftBasisTuner):
                 for m in members:
                     self._member_group[m] = key
                     self._pending[m] = torch.zeros(d_out, rank, dtype=dtype)
+        elif config.calibration_statistics is not None and "factors" in config.calibration_statistics.meta:
+            self.compression_report = self._inject_fitted(modules, names, config, bases)
         else:
             self.compression_report = self._compress(modules, names, shapes, config, bases)
         self.sb_bases[adapter_name] = bases
+
+    def _inject_fitted(self, modules, names, config: SharedBasisConfig, bases: nn.ParameterDict) -> list[dict]:
+        """Factors fitted by the layer-sequential pipeline (``inputs="anchored"``), injected as they are."""
+        stats = config.calibration_statistics
+        fitted = stats.meta["factors"]
+        missing = [n for n in names if not any(n in ms for ms in fitted["groups"].values())]
+        if missing:
+            raise ValueError(f"The attached statistics hold no fitted factors for {missing[:3]}: they were made for "
+                             "other target modules. Run `calibrate(model, config, dataloader)` with this config.")
+        for key, members in fitted["groups"].items():
+            dtype = modules[members[0]].weight.dtype
+            bases[key] = nn.Parameter(stats.extra[f"factors/basis/{key}"].to(dtype))
+            for m in members:
+                self._member_group[m] = key
+                self._pending[m] = stats.extra[f"factors/coefficient/{m}"].to(dtype)
+            config.groups[key] = list(members)
+            config.rank_pattern.update({m: int(fitted["ranks"][key]) for m in members})
+        if not config.keep_dense_weight:
+            for m in self._member_group:
+                if isinstance(modules[m], nn.Linear) and not dense_is_dropped(modules[m]):
+                    drop_dense_weight(modules[m])
+        return [dict(r) for r in fitted["report"]]
 
     def _plan(self, types: dict, config: SharedBasisConfig, shapes: dict) -> list[Group]:
         return plan_groups(getattr(getattr(self.model, "config", None), "model_type", None), types, config, shapes)
@@ -221,6 +294,8 @@ class SharedBasisModel(PeftBasisTuner):
         spectra: dict[str, torch.Tensor] = {}
 
         if config.group_size == "auto":
+            if config.rank_allocation == "loss":
+                raise ValueError("rank_allocation='loss' needs private factors: pass group_size=1 (not 'auto').")
             groups, ranks = [], []
             selection = self._selection_batches(stats)
             chosen_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # member -> (basis, coefficient)
@@ -282,7 +357,7 @@ class SharedBasisModel(PeftBasisTuner):
             else:
                 for g in tqdm(groups, desc="spectra", unit="group"):
                     spectra[g.key] = normalised_spectrum(group_spectrum(weights(g), gram(g.members), config.damping))
-                ranks = allocate_ranks(groups, config, lambda g: spectra[g.key])
+                ranks = allocate_ranks(groups, config, lambda g: spectra[g.key], stats)
                 for g, r in zip(tqdm(groups, desc="factorising", unit="group"), ranks):
                     factors[g.key], errors[g.key], refs[g.key] = factorise(g, r, [r])
                     release(g)

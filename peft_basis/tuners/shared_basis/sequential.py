@@ -254,15 +254,95 @@ class SharedBasisLayerCompressor(LayerHandler):
 
     # ---- the adapter config ---------------------------------------------------------------------------
     def _save_adapter_config(self) -> None:
-        """The config exactly as SharedBasisModel fills it, saved as PeftModel.save_pretrained saves it."""
-        config, model = self.config, self.run.model
-        if config.target_modules is None:  # what PeftBasisTuner._prepare_adapter_config writes
-            config.target_modules = sorted({n.rsplit(".", 1)[-1] for n in find_linear_names(model)})
-        record_groups(config, self.groups, [self.rank_of[g.key] for g in self.groups])
-        config.base_model_name_or_path = config.base_model_name_or_path or self.run.model_name_or_path
-        config.inference_mode = True
-        auto_mapping = None
-        if config.task_type is None:
-            base_cls = type(model)
-            auto_mapping = {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
-        config.save_pretrained(self.output_dir, auto_mapping_dict=auto_mapping)
+        save_adapter_config(self.config, self.run, self.groups, [self.rank_of[g.key] for g in self.groups],
+                            self.output_dir)
+
+
+def save_adapter_config(config: SharedBasisConfig, run, groups: list[Group], ranks: list[int], output_dir: str) -> None:
+    """The config exactly as SharedBasisModel fills it, saved as PeftModel.save_pretrained saves it."""
+    model = run.model
+    if config.target_modules is None:  # what PeftBasisTuner._prepare_adapter_config writes
+        config.target_modules = sorted({n.rsplit(".", 1)[-1] for n in find_linear_names(model)})
+    record_groups(config, groups, ranks)
+    config.base_model_name_or_path = config.base_model_name_or_path or run.model_name_or_path
+    config.inference_mode = True
+    auto_mapping = None
+    if config.task_type is None:
+        base_cls = type(model)
+        auto_mapping = {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
+    config.save_pretrained(output_dir, auto_mapping_dict=auto_mapping)
+
+
+# ---- where a layer-by-layer fit puts its factors -------------------------------------------------------
+class AdapterSink:
+    """Streams the factors into ``output_dir/adapter_model.safetensors`` (declared in layer order) and writes
+    ``adapter_config.json`` at the end: the folder ``PeftModel.from_pretrained`` loads."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+        self.writer = None
+
+    def start(self, config, run, groups: list[Group], rank_of: dict[str, int]) -> None:
+        if not is_main_process():
+            return
+        specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for g in sorted(groups, key=lambda g: run.target_names.index(g.members[0])):
+            (m,) = g.members
+            dtype = run.model.get_submodule(m).weight.dtype
+            specs[saved_basis_name(g.key)] = ((rank_of[m], g.d_in), dtype)
+            specs[saved_coefficient_name(m)] = ((g.d_out, rank_of[m]), dtype)
+        self.dtypes = {name: dt for name, (_, dt) in specs.items()}
+        os.makedirs(self.output_dir, exist_ok=True)
+        self.writer = SafetensorsStreamWriter(os.path.join(self.output_dir, "adapter_model.safetensors"), specs,
+                                              {"format": "pt"})
+
+    def write(self, module_name: str, group: Group, basis: torch.Tensor, coefficient: torch.Tensor) -> None:
+        if self.writer is None:
+            return
+        try:
+            for name, t in ((saved_basis_name(group.key), basis), (saved_coefficient_name(module_name), coefficient)):
+                self.writer.write(name, t.detach().to(self.dtypes[name]))
+        except BaseException:
+            self.writer.abort()
+            self.writer = None
+            raise
+
+    def finish(self, config, run, groups: list[Group], rank_of: dict[str, int], handler) -> list[dict]:
+        if self.writer is not None:
+            self.writer.close()
+            save_adapter_config(config, run, groups, [rank_of[g.members[0]] for g in groups], self.output_dir)
+        return handler.report()
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
+class StatisticsSink:
+    """Keeps the factors in a :class:`CalibrationStatistics` (``factors/basis/<group>``,
+    ``factors/coefficient/<module>``; groups and ranks in its meta), which ``get_peft_model`` then injects
+    as they are: what ``calibrate`` attaches for a config whose fit needs the layer-sequential pipeline."""
+
+    def __init__(self):
+        self.stats = CalibrationStatistics()
+
+    def start(self, config, run, groups, rank_of) -> None:
+        pass
+
+    def write(self, module_name: str, group: Group, basis: torch.Tensor, coefficient: torch.Tensor) -> None:
+        self.stats.extra[f"factors/basis/{group.key}"] = basis.detach().float().contiguous()
+        self.stats.extra[f"factors/coefficient/{module_name}"] = coefficient.detach().float().contiguous()
+
+    def finish(self, config, run, groups, rank_of, handler) -> CalibrationStatistics:
+        self.stats.meta["factors"] = {"groups": {g.key: g.members for g in groups},
+                                      "ranks": {g.key: rank_of[g.members[0]] for g in groups},
+                                      "report": handler.report(), "refinement": handler.refinement}
+        self.stats.meta["pipeline"] = "sequential"
+        # every target is covered (what calibrate checks of any statistics), by its factors
+        for g in groups:
+            for m in g.members:
+                self.stats.sources[m] = f"factors/{g.key}"
+        return self.stats
+
+    def abort(self) -> None:
+        pass
