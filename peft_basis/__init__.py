@@ -12,6 +12,7 @@ from .calibration.sequential import calibrate_sequential, compress_sequential  #
 from .hub import AdapterTypeError, load_adapter, record_quality  # noqa: E402
 from .lean import load_lean  # noqa: E402
 from .linalg import CalibrationError  # noqa: E402
+from .standalone import CompressedModel, save_compressed  # noqa: E402
 from .task_vectors import TaskVectorBasis, TaskVectorError  # noqa: E402
 from .tuners.basel import (  # noqa: E402
     BaselCallback,
@@ -33,6 +34,7 @@ __all__ = [
     "BaselModel",
     "CalibrationError",
     "CalibrationStatistics",
+    "CompressedModel",
     "SharedBasisConfig",
     "SharedBasisModel",
     "TaskVectorBasis",
@@ -47,5 +49,6 @@ __all__ = [
     "load_lean",
     "quantize_factors_8bit",
     "record_quality",
+    "save_compressed",
     "use_statistics",
 ]
