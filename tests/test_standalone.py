@@ -175,6 +175,10 @@ def test_int8_dequantises_to_the_compute_dtype(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     as_f32 = CompressedModel.from_pretrained(q8, dtype=torch.float32)
     assert {p.dtype for p in as_f32.parameters()} == {torch.float32}
+    from peft_basis.standalone.checkpoint import all_finite
+
+    assert all_finite(torch.full((4,), 3e38)) and all_finite(torch.full((4,), 6e4, dtype=torch.float16))  # sums overflow
+    assert not all_finite(torch.tensor([1.0, float("inf"), -float("inf")])) and not all_finite(torch.tensor([float("nan")]))
     q = torch.tensor([[127, -127, 0]], dtype=torch.int8)
     assert torch.equal(dequantize_rows_int8(q, torch.tensor([0.5]), torch.float32), torch.tensor([[63.5, -63.5, 0.0]]))
 

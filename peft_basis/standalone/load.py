@@ -31,6 +31,8 @@ def _resolve_folder(path_or_repo_id: str, revision, token, local_files_only, sub
     local = os.path.join(path_or_repo_id, subfolder or "")
     if os.path.isdir(local):
         return local
+    if os.path.isabs(path_or_repo_id) or path_or_repo_id.startswith((".", "~")) or os.path.exists(path_or_repo_id):
+        raise FileNotFoundError(f"{local} is not a folder: pass the folder save_compressed wrote, or a Hub repo id.")
     from ..hub import download_folder
 
     return download_folder(path_or_repo_id, revision=revision, subfolder=subfolder, token=token,
@@ -103,8 +105,12 @@ class CompressedModel:
                 parent_name, _, child = name.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
                 setattr(parent, child, LowRankLinear(basis, coefficient, bias, spec["basis"]))
-            for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
-                if t.device.type != "meta" or name in compression["tied_weights"]:
+            # parameters are on meta until read; buffers are real (computed from the config), and overwritten by the
+            # checkpoint where it holds them (persistent buffers)
+            tensors = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
+            tensors += [(n, b) for n, b in model.named_buffers() if n in shards]
+            for name, t in tensors:
+                if name in compression["tied_weights"]:
                     continue
                 value = tensor(name)
                 if tuple(value.shape) != tuple(t.shape):

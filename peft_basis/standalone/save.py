@@ -23,6 +23,7 @@ from .checkpoint import (
     SHARD,
     CompressedCheckpointError,
     SafetensorsStreamWriter,
+    all_finite,
     dtype_name,
     quantize_rows_int8,
 )
@@ -99,7 +100,7 @@ def _adapter_config_dict(peft_config) -> dict:
 
 
 def _check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
-    if t.is_floating_point() and not torch.isfinite(t).all():
+    if not all_finite(t):
         raise CompressedCheckpointError(
             f"{name} holds NaN or inf; refusing to save a broken model. Find what made it non-finite (calibration, "
             "training, a dtype overflow with dtype=float16) and compress again."
