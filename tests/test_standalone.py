@@ -403,3 +403,16 @@ def test_push_then_pull_in_a_fresh_process(hub, tmp_path):
     out = run()
     assert out == {"float": 0.0, "int8": 0.0, "private": 0.0, "type": "LlamaForCausalLM"}
     assert run(HF_HUB_OFFLINE=1) == out  # from the cache the first process filled
+
+
+def test_config_from_another_model(saved):
+    path = os.path.join(saved, "config.json")
+    config = json.load(open(path))
+    json.dump(dict(config, intermediate_size=96), open(path, "w"))
+    with pytest.raises(CompressedCheckpointError, match=r"gate_proj: factors .* do not make the 96 x 64 weight "
+                                                        r"config.json describes; the files come from different models"):
+        CompressedModel.from_pretrained(saved)
+    json.dump(dict(config, num_hidden_layers=1), open(path, "w"))
+    with pytest.raises(CompressedCheckpointError, match=r"names model.layers.1.self_attn.q_proj as factorised, but the "
+                                                        r"model built from config.json has no such module"):
+        CompressedModel.from_pretrained(saved)
