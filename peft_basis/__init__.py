@@ -10,6 +10,7 @@ from .calibration import CalibrationStatistics, calibrate, calibrate_sequential,
 from .compression import compress_sequential  # noqa: E402
 from .errors import AdapterTypeError, CalibrationError, CheckpointError  # noqa: E402
 from .lean import load_lean  # noqa: E402
+from .standalone import CompressedModel, save_compressed  # noqa: E402
 from .task_vectors import TaskVectorBasis, TaskVectorError  # noqa: E402
 from .tuners.basel import (  # noqa: E402
     BaselCallback,
@@ -36,6 +37,7 @@ __all__ = [
     "CalibrationError",
     "CalibrationStatistics",
     "CheckpointError",
+    "CompressedModel",
     "SharedBasisConfig",
     "SharedBasisModel",
     "TaskVectorBasis",
@@ -50,5 +52,6 @@ __all__ = [
     "load_lean",
     "quantize_factors_8bit",
     "record_quality",
+    "save_compressed",
     "use_statistics",
 ]

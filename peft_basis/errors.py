@@ -18,3 +18,7 @@ class TaskVectorError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint on disk is missing, incomplete, or does not match the model built from its config."""
+
+
+class CompressedCheckpointError(CheckpointError):
+    """A standalone compressed checkpoint that cannot be written or read as it is."""
