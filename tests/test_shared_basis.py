@@ -180,7 +180,7 @@ def test_auto_group_size_never_worse_than_private_in_calibration_error():
     assert auto.base_model.stored_parameters() <= 0.7 * sum(w.numel() for n, w in weights.items() if "layers" in n)
 
 
-def test_auto_group_size_chooses_by_model_loss_on_calibration_tokens():
+def test_auto_group_size_chooses_by_model_loss_on_held_apart_calibration_tokens():
     data = token_batches(6)
     base = tiny_llama()
     auto, cfg, stats = compress(fresh_copy(base), data, compression_ratio=0.3, group_size="auto",
@@ -195,9 +195,14 @@ def test_auto_group_size_chooses_by_model_loss_on_calibration_tokens():
     for type_name, by_size in scores.items():
         size = len(next(m for k, m in cfg.groups.items() if k.startswith(type_name.split("*.")[1].replace(".", "_"))))
         assert by_size[size] == min(by_size.values()), type_name
-    # the first type's private candidate is scored exactly as that model: q_proj alone compressed per layer
-    only_q, _, _ = compress(fresh_copy(base), data, compression_ratio=0.3, group_size=1, target_modules=["q_proj"])
+    # it chose on batches the Grams never saw (the last quarter), not on the tokens it fitted
+    held = stats.meta["held_apart_batches"]
+    assert held == [4, 5]
     batches = type(auto.base_model)._selection_batches(stats)
+    assert torch.equal(batches[0]["input_ids"], data[4])
+    # the first type's private candidate is scored exactly as that model: q_proj alone compressed per layer,
+    # fitted on the other batches
+    only_q, _, _ = compress(fresh_copy(base), data[:4], compression_ratio=0.3, group_size=1, target_modules=["q_proj"])
     with torch.no_grad():
         losses = [(float(only_q(**b).loss), int((b["labels"][:, 1:] != -100).sum())) for b in batches]
     expected = sum(l * n for l, n in losses) / sum(n for _, n in losses)

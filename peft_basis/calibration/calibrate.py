@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import islice
 
 import torch
 from torch import nn
@@ -10,7 +11,7 @@ from torch import nn
 from .fisher import accumulators, finish_fisher
 from .pipelines import LayerHandler, LayerSequentialPipeline, WholeModelPipeline, get_pipeline
 from .protocol import method_for
-from .statistics import CalibrationStatistics
+from .statistics import HELD_APART, CalibrationStatistics
 
 __all__ = ["calibrate", "calibrate_sequential", "use_statistics"]
 
@@ -71,7 +72,17 @@ def calibrate(
     else:
         if dataloader is None:
             raise ValueError("calibrate needs a `dataloader` (or precomputed `statistics`).")
+        batches = list(islice(dataloader, max_batches))  # ids only: small, and a one-shot iterable serves every pass
+        held = set(method.held_apart_batches(config, len(batches)))
+        run = WholeModelPipeline(model, names, [b for i, b in enumerate(batches) if i not in held], progress=progress)
         stats = run.grams()
+        if held:  # kept out of the fitted Grams: the method chooses on them, then adds their Grams back
+            held_batches = [batches[i] for i in sorted(held)]
+            apart = WholeModelPipeline(model, names, held_batches, progress=progress).grams()
+            stats.extra.update({HELD_APART + k: g for k, g in apart.grams.items()})
+            stats.meta["held_apart_tokens"] = dict(apart.tokens)
+            stats.meta["held_apart_batches"] = sorted(held)
+        dataloader, max_batches = (held_batches if held else batches), None
     if dataloader is not None:
         if method.needs_fisher(config):
             plan = method.fisher_plan(model, config, names, stats)

@@ -10,6 +10,9 @@ is a :class:`CalibrationMethod`. The pipelines ask it, never guess by attribute 
   backward sweep).
 - ``extra_calibration(model, config, stats, dataloader, ...)``: anything else the method keeps from the
   calibration data (Basis Sharing's ``group_size="auto"`` keeps token ids to score groupings on).
+- ``held_apart_batches(config, n_batches)``: calibration batches to keep out of the fitted Grams (the method
+  makes a choice on them: Basis Sharing's ``group_size="auto"``); the whole-model pipeline then streams their
+  Grams separately (``held_apart/gram/<key>``) and hands those batches to ``extra_calibration``.
 - ``has_layer_summary`` / ``layer_summary(model, config, names, stats)``: what ``get_peft_model`` needs of
   one layer's Grams, computed while the layer is loaded, so the layer-sequential pipeline can keep that
   instead of the Grams (``calibrate_sequential(..., keep_grams=False)``).
@@ -53,6 +56,10 @@ class CalibrationMethod(abc.ABC):
     def extra_calibration(cls, model: nn.Module, config, stats, dataloader, *, max_batches=None,
                           progress: bool = True) -> None:
         """Called after the Gram (and Fisher) passes of the whole-model pipeline, with the same data."""
+
+    @classmethod
+    def held_apart_batches(cls, config, n_batches: int) -> list[int]:
+        return []
 
     @classmethod
     def layer_summary(cls, model: nn.Module, config, names: list[str], stats) -> dict:

@@ -156,6 +156,24 @@ class CalibrationStatistics:
         return cls.load(path)
 
 
+HELD_APART = "held_apart/gram/"
+
+
+def with_held_apart_grams(stats: CalibrationStatistics) -> CalibrationStatistics:
+    """The statistics with the Grams of the held-apart calibration batches (kept under ``held_apart/gram/``)
+    added to the fitted ones: what a method fits on once it has made its choices on the held-apart batches."""
+    out = CalibrationStatistics(dict(stats.grams), dict(stats.tokens), dict(stats.sources),
+                                {k: v for k, v in stats.extra.items() if not k.startswith(HELD_APART)}, dict(stats.meta))
+    held_tokens = stats.meta.get("held_apart_tokens", {})
+    for key in out.grams:
+        held = stats.extra.get(HELD_APART + key)
+        if held is not None:
+            out.grams[key] = out.grams[key] + held
+            out.tokens[key] = out.tokens[key] + int(held_tokens.get(key, 0))
+    out.meta.pop("held_apart_batches", None)
+    return out
+
+
 def _stats_card(stats: "CalibrationStatistics") -> str:
     from .._version import __version__
 

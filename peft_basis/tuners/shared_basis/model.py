@@ -20,6 +20,7 @@ from ...budget import greedy_allocate
 from ...calibration.grams import batch_to_kwargs
 from ...distributed import broadcast_object
 from ...calibration.fisher import FisherPlan
+from ...calibration.statistics import with_held_apart_grams
 from ...linalg import (
     GroupFactors,
     WhitenerCache,
@@ -46,7 +47,7 @@ from .grouping import (
     uniform_rank,
 )
 from .layer import SharedBasisLayer
-from .anchored import AnchoredCompressor
+from .anchored import AnchoredCompressor, held_apart_batches
 from .sequential import AdapterSink, SharedBasisLayerCompressor, StatisticsSink
 
 
@@ -119,7 +120,7 @@ class SharedBasisModel(PeftBasisTuner):
         if config.group_size != "auto" or config.auto_selection_tokens <= 0:
             return
         kept, seen = [], 0
-        for i, batch in enumerate(dataloader):
+        for i, batch in enumerate(dataloader):  # the held-apart batches, when calibrate held some apart
             if (max_batches is not None and i >= max_batches) or seen >= config.auto_selection_tokens:
                 break
             kw = batch_to_kwargs(batch, "cpu")
@@ -131,6 +132,14 @@ class SharedBasisModel(PeftBasisTuner):
             stats.extra[f"selection/{i}/input_ids"] = ids
             if mask is not None:
                 stats.extra[f"selection/{i}/attention_mask"] = mask
+
+    @classmethod
+    def held_apart_batches(cls, config, n_batches: int) -> list[int]:
+        """``group_size="auto"`` chooses groupings by the model's loss on calibration batches the Grams never saw
+        (the last ``holdout_fraction`` of them; their Grams are added back once the choice is made)."""
+        if isinstance(config, SharedBasisConfig) and config.group_size == "auto" and config.auto_selection_tokens > 0:
+            return held_apart_batches(n_batches, config.holdout_fraction)
+        return []
 
     @staticmethod
     def _selection_batches(stats) -> list[dict]:
@@ -298,6 +307,7 @@ class SharedBasisModel(PeftBasisTuner):
                 raise ValueError("rank_allocation='loss' needs private factors: pass group_size=1 (not 'auto').")
             groups, ranks = [], []
             selection = self._selection_batches(stats)
+            held_apart = stats is not None and bool(stats.meta.get("held_apart_batches"))
             chosen_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # member -> (basis, coefficient)
             self.auto_selection = {}
             for type_name, members in tqdm(types.items(), desc="choosing groups", unit="type"):
@@ -333,9 +343,17 @@ class SharedBasisModel(PeftBasisTuner):
                     factors[g.key], errors[g.key], refs[g.key] = found[g.key]
                     for m, c in zip(g.members, factors[g.key].coefficients):
                         chosen_factors[m] = (factors[g.key].basis[:r], c[:, :r])
-                    release(g)
+                    if not held_apart:
+                        release(g)
                 groups += plan
                 ranks += plan_ranks
+            if held_apart:  # chosen on tokens the Grams never saw; now the chosen groups fitted on every token
+                stats = with_held_apart_grams(stats)
+                for g, r in zip(tqdm(groups, desc="refitting", unit="group"), ranks):
+                    stored = factors[g.key].basis.shape[0]
+                    factors[g.key], errors[g.key], refs[g.key] = factorise(g, stored, sorted({r, stored}))
+                    spectra[g.key] = normalised_spectrum(factors[g.key].eigenvalues)
+                    release(g)
             # what the per-type plans left of the budget (less than one rank step per type) is spent here,
             # by the same score; never below any plan's rank, so never worse than the plans compared
             budget, _ = rank_bounds(groups, config)

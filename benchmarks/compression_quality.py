@@ -1,0 +1,193 @@
+"""Compression quality on the real SmolLM2-135M: today's fits against anchored factorisation, block refinement
+and loss-aware ranks, on two held-apart texts, with each stage's cost.
+
+    python benchmarks/compression_quality.py                       # the default rows and ratios
+    python benchmarks/compression_quality.py --rows anchored --ratios 0.2 --threads 2
+    python benchmarks/compression_quality.py --update              # rerun the given rows, keep the others
+
+Protocol (the same tokens for every row): calibration on the first 16 x 512 tokens of the Britannica text
+(4 batches of 4 sequences; the anchored rows hold the last batch apart for their choices and refit on
+all); perplexity on the last 8 x 512 Britannica tokens (held apart) and on the first 8 x 512 tokens of
+Python's own documentation (pydoc: another domain, never calibrated on). Every row stores at most
+``1 - ratio`` of the targeted parameters (stored fraction recorded). Each row runs in a fresh process:
+seconds of calibrate + compress, the same over the bare forward passes over the calibration batches
+(timed in that process), and peak memory (VmHWM) over the model's own size.
+
+Writes benchmarks/results/compression_quality.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+
+# row -> SharedBasisConfig kwargs ("pipeline": how it runs)
+ROWS = {
+    "whitened per layer (today, dense inputs)": dict(group_size=1),
+    "compressed inputs (today, layer by layer)": dict(group_size=1, pipeline="compress_sequential_compressed"),
+    "anchored": dict(group_size=1, inputs="anchored"),
+    "anchored + block refinement": dict(group_size=1, inputs="anchored", refine_epochs=8, refine_lr=1e-4),
+    "anchored + refinement + loss-aware ranks": dict(group_size=1, inputs="anchored", refine_epochs=8, refine_lr=1e-4,
+                                                     rank_allocation="loss"),
+    "loss-aware ranks, dense inputs": dict(group_size=1, rank_allocation="loss"),
+    "group_size=2 (paper's sharing, dense inputs)": dict(group_size=2),
+    "group_size=auto (chosen on held-apart tokens)": dict(group_size="auto"),
+}
+SHORT = {"whitened": "whitened per layer (today, dense inputs)", "compressed": "compressed inputs (today, layer by layer)",
+         "anchored": "anchored", "refined": "anchored + block refinement",
+         "loss": "anchored + refinement + loss-aware ranks", "loss_dense": "loss-aware ranks, dense inputs",
+         "g2": "group_size=2 (paper's sharing, dense inputs)", "auto": "group_size=auto (chosen on held-apart tokens)"}
+
+
+def run_row(name: str, ratio: float, threads: int) -> dict:
+    import tempfile
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(threads)
+    warnings.simplefilter("ignore")
+    import peft_basis
+    from peft import get_peft_model
+    from peft_basis.data import default_model_path, load_default_model, load_text, split_blocks, token_blocks
+    from peft_basis.evaluation import peak_rss_bytes, perplexity, reset_peak_rss
+
+    spec = dict(ROWS[name])
+    pipeline = spec.pop("pipeline", "calibrate")
+    model, tok = load_default_model()
+    calib, held = split_blocks(tok, "britannica", 512, 16, 8)
+    pydoc = token_blocks(tok, load_text("pydoc"), 512, 8)
+    batches = [calib[i : i + 4] for i in range(0, 16, 4)]
+    model_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    with torch.no_grad():  # the floor: the bare forward passes over the same batches
+        model.model(input_ids=batches[0], use_cache=False)
+        t0 = time.perf_counter()
+        for b in batches:
+            model.model(input_ids=b, use_cache=False)
+        forward_seconds = time.perf_counter() - t0
+    config = peft_basis.SharedBasisConfig(compression_ratio=ratio, **spec)
+    reset_peak_rss()
+    base_rss = peak_rss_bytes()
+    t0 = time.perf_counter()
+    if pipeline == "calibrate":
+        stats = peft_basis.calibrate(model, config, batches, progress=False)
+        compressed = get_peft_model(model, config)
+        seconds = time.perf_counter() - t0
+        peak = peak_rss_bytes()
+        extra = {}
+        if "factors" in stats.meta:
+            report = stats.meta["factors"]["report"]
+            anchors = [r.get("anchor") for r in report]
+            extra["anchors"] = {str(a): anchors.count(a) for a in sorted(set(anchors))}
+            refinement = stats.meta["factors"].get("refinement", {})
+            if refinement:
+                extra["layers_refined"] = sum(v["kept"] == "refined" for v in refinement.values())
+        if config.group_size == "auto":
+            extra["group_sizes"] = {r["group"].split("__")[0]: len(r["members"])
+                                    for r in compressed.base_model.compression_report}
+    else:
+        del model
+        with tempfile.TemporaryDirectory() as out:
+            peft_basis.compress_sequential(default_model_path(), config, batches, out, progress=False,
+                                           inputs="compressed")
+            seconds = time.perf_counter() - t0
+            peak = peak_rss_bytes()
+            compressed = peft_basis.load_lean(default_model_path(), out)
+        extra = {}
+    report = compressed.base_model.compression_report
+    stored = sum(r["params"] for r in report)
+    dense = sum(r["dense_params"] for r in report)
+    return {"row": name, "ratio": ratio, "britannica": perplexity(compressed, held), "pydoc": perplexity(compressed, pydoc),
+            "stored_fraction": stored / dense, "seconds": seconds, "forward_seconds": forward_seconds,
+            "cost_over_forward": seconds / forward_seconds, "peak_over_model": (peak - base_rss + model_bytes) / model_bytes,
+            "threads": threads, **extra}
+
+
+def dense_reference(threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from peft_basis.data import load_default_model, load_text, split_blocks, token_blocks
+    from peft_basis.evaluation import perplexity
+
+    model, tok = load_default_model()
+    _, held = split_blocks(tok, "britannica", 512, 16, 8)
+    return {"britannica": perplexity(model, held), "pydoc": perplexity(model, token_blocks(tok, load_text("pydoc"), 512, 8))}
+
+
+def _md(result: dict) -> str:
+    ratios = sorted({r["ratio"] for r in result["rows"]})
+    d = result["dense"]
+    lines = [f"# Compression quality on SmolLM2-135M\n\nWritten by `benchmarks/compression_quality.py`. Dense perplexity: "
+             f"Britannica {d['britannica']:.2f}, pydoc {d['pydoc']:.2f}. Calibration: 16 x 512 Britannica tokens; "
+             "evaluation: 8 x 512 held-apart Britannica tokens and 8 x 512 pydoc tokens (another domain).\n",
+             "Perplexity, Britannica / pydoc, by fraction of the targeted parameters removed:\n",
+             "| row | " + " | ".join(f"{r:.0%}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+    by = {(r["row"], r["ratio"]): r for r in result["rows"]}
+    for name in ROWS:
+        if not any((name, q) in by for q in ratios):
+            continue
+        cells = [f"{by[(name, q)]['britannica']:.2f} / {by[(name, q)]['pydoc']:.2f}" if (name, q) in by else "-"
+                 for q in ratios]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Cost of calibrate + compress (at each row's ratios): seconds, as a multiple of the bare forward passes "
+              "over the calibration batches, and peak memory over the model's size:\n",
+              "| row | ratio | seconds | x bare forward | peak / model | stored fraction | notes |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        notes = ", ".join(f"{k}: {r[k]}" for k in ("anchors", "layers_refined", "group_sizes") if k in r)
+        lines.append(f"| {r['row']} | {r['ratio']:.0%} | {r['seconds']:.0f} | {r['cost_over_forward']:.1f} | "
+                     f"{r['peak_over_model']:.2f} | {r['stored_fraction']:.4f} | {notes} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", default="whitened,compressed,anchored,refined,loss,loss_dense,g2,auto")
+    p.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--update", action="store_true", help="keep the rows already in the results file")
+    p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        name, ratio = args.worker
+        out = dense_reference(args.threads) if name == "dense" else run_row(name, float(ratio), args.threads)
+        print("RESULT " + json.dumps(out), flush=True)
+        return
+    path = os.path.join(RESULTS, "compression_quality")
+    result = {"rows": []}
+    if args.update and os.path.exists(path + ".json"):
+        with open(path + ".json") as f:
+            result = json.load(f)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def worker(name: str, ratio: float) -> dict:
+        cmd = [sys.executable, __file__, "--worker", name, str(ratio), "--threads", str(args.threads)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+        if done.returncode or not lines:
+            raise RuntimeError(f"{name} at {ratio} failed:\n{done.stderr[-3000:]}")
+        return json.loads(lines[-1][7:])
+
+    if "dense" not in result:
+        result["dense"] = worker("dense", 0.0)
+    from peft_basis.io import atomic_write_text
+
+    for key in args.rows.split(","):
+        name = SHORT.get(key, key)
+        for ratio in [float(r) for r in args.ratios.split(",")]:
+            row = worker(name, ratio)
+            result["rows"] = [r for r in result["rows"] if (r["row"], r["ratio"]) != (name, ratio)] + [row]
+            print(json.dumps(row), flush=True)
+            atomic_write_text(path + ".json", json.dumps(result, indent=1))
+            atomic_write_text(path + ".md", _md(result))
+
+
+if __name__ == "__main__":
+    main()
