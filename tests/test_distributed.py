@@ -36,6 +36,12 @@ def _fisher_config():
     return BasisConfig(r=2, rank_allocation="fisher")
 
 
+def _anchored_config(**kw):
+    # a fixed anchor and no held-apart batches: each rank's own split would differ from one process's
+    return SharedBasisConfig(compression_ratio=0.3, group_size=1, inputs="anchored", anchor=0.25, holdout_fraction=0.0,
+                             **kw)
+
+
 def _worker(rank, port, checkpoint, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
@@ -49,6 +55,11 @@ def _worker(rank, port, checkpoint, out):
             os.path.join(out, f"fisher_rank{rank}.safetensors"))
         calibrate_sequential(checkpoint, _fisher_config(), data, progress=False,
                              save_to=os.path.join(out, f"seq_fisher_rank{rank}.safetensors"))
+        # the anchored fit: its statistics all-reduce too, and refinement steps with averaged gradients
+        calibrate(tiny_llama(layers=2), _anchored_config(), data, progress=False).save(
+            os.path.join(out, f"anchored_rank{rank}.safetensors"))
+        calibrate(tiny_llama(layers=2), _anchored_config(refine_epochs=1, refine_lr=1e-3), data, progress=False).save(
+            os.path.join(out, f"refined_rank{rank}.safetensors"))
         with open(os.path.join(out, f"done_rank{rank}"), "w") as f:
             f.write(str(dist.get_world_size()))
     finally:
@@ -90,6 +101,18 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
             wb = b[key] @ b[f"base_model.sb_bases.{group}"]
             assert (wa - wb).abs().max() <= 1e-4 * wa.abs().max()
 
+    # the anchored fit on two ranks equals one process on all the data; refinement keeps the ranks in step
+    single_anchored = calibrate(tiny_llama(layers=2), _anchored_config(), token_batches(2), progress=False)
+    for r in range(WORLD):
+        stats = CalibrationStatistics.load(str(out / f"anchored_rank{r}.safetensors"))
+        for k, v in single_anchored.extra.items():
+            if k.startswith("factors/coefficient/"):
+                group = next(g for g, ms in single_anchored.meta["factors"]["groups"].items() if ms == [k[20:]])
+                wa = v @ single_anchored.extra[f"factors/basis/{group}"]
+                wb = stats.extra[k] @ stats.extra[f"factors/basis/{group}"]
+                assert (wa - wb).abs().max() <= 1e-3 * wa.abs().max(), k
+    refined = [CalibrationStatistics.load(str(out / f"refined_rank{r}.safetensors")) for r in range(WORLD)]
+    assert all(torch.equal(refined[0].extra[k], refined[1].extra[k]) for k in refined[0].extra)
 
     # Fisher scores: sums of squared per-sequence gradients and sequence counts all-reduce, on both pipelines
     single_fisher = calibrate(tiny_llama(layers=2), _fisher_config(), token_batches(2), progress=False)

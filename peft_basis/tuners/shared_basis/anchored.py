@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ...calibration.pipelines import LayerHandler
-from ...distributed import is_main_process
+from ...distributed import is_distributed, is_main_process
 from ...linalg import anchored_error, anchored_factorize
 from ...modules import in_out_features, linear_weight
 from ..factorized import factorized_forward
@@ -73,10 +73,31 @@ class _Stats:
         return out
 
     def all_reduce(self) -> None:
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
+        if is_distributed():
             for t in (self.gram_s, self.cross) + (() if self.gram is None else (self.gram,)):
-                dist.all_reduce(t)
+                torch.distributed.all_reduce(t)
+            n = torch.tensor([float(self.tokens)], dtype=torch.float64)
+            torch.distributed.all_reduce(n)
+            self.tokens = int(n)
+
+
+def _mean_over_ranks(total: torch.Tensor, count: int) -> torch.Tensor:
+    n = torch.tensor([float(count)], dtype=torch.float64)
+    total = total.reshape(1)
+    if is_distributed():
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(n)
+    return total / n
+
+
+def _average_gradients(params) -> None:
+    if not is_distributed():
+        return
+    world = torch.distributed.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world
 
 
 class AnchoredCompressor(LayerHandler):
@@ -238,7 +259,8 @@ class AnchoredCompressor(LayerHandler):
             if not self.holdout:
                 return float("nan")
             with torch.no_grad():
-                return float(sum(error(b) for b in self.holdout) / len(self.holdout))
+                total = torch.stack([error(b) for b in self.holdout]).sum().double()
+            return float(_mean_over_ranks(total, len(self.holdout)))
 
         frozen = [p for p in layer.layer.parameters() if p.requires_grad]  # a model in memory: leave its grads alone
         for p in frozen:
@@ -263,6 +285,7 @@ class AnchoredCompressor(LayerHandler):
                         diverged = True
                         break
                     loss.backward()
+                    _average_gradients(params)  # every rank takes the same step, so all keep the same factors
                     optimizer.step()
                     schedule.step()
                 if diverged:
