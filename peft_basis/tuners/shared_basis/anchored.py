@@ -239,8 +239,12 @@ class AnchoredCompressor(LayerHandler):
         closed_form = {n: [p[0].clone(), p[1].clone()] for n, p in factors.items()}
         params = []
         for pair in factors.values():
-            pair[0] = nn.Parameter(pair[0].detach().clone())
-            pair[1] = nn.Parameter(pair[1].detach().clone())
+            # the closed form puts the scale in the basis (orthonormal coefficients); one learning rate serves
+            # both factors once each direction's norm is split evenly between them (same product)
+            basis, coef = pair[0].detach(), pair[1].detach()
+            scale = (basis.norm(dim=1) / coef.norm(dim=0).clamp_min(1e-12)).sqrt().clamp_min(1e-12)
+            pair[0] = nn.Parameter(basis / scale[:, None])
+            pair[1] = nn.Parameter(coef * scale[None, :])
             params += pair
         optimizer = torch.optim.Adam(params, lr=config.refine_lr)
         steps = config.refine_epochs * max(len(self.fit), 1)
