@@ -18,3 +18,12 @@ class TaskVectorError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint on disk is missing, incomplete, or does not match the model built from its config."""
+
+
+class ConfigError(ValueError):
+    """A config field has the wrong type or is out of range (the message says what to pass)."""
+
+
+class BaseModelMismatchError(ValueError):
+    """An adapter or calibration statistics were made on another base model than the one given (a different
+    fingerprint of its weights; see :mod:`peft_basis.fingerprint`)."""

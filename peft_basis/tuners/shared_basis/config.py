@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from ..._peft_type import add_peft_type
+from ...errors import ConfigError
+from ...validation import choice, int_list, number
 from ..base import PeftBasisConfig
 
 # Which matrix types share a basis across layers by default (paper section 1.6: the configs it shipped);
@@ -60,6 +62,8 @@ class SharedBasisConfig(PeftBasisConfig):
     keep_dense_weight: bool = field(default=False, metadata={"help": "Keep dense weights (for disable_adapter)."})
     groups: dict = field(default_factory=dict, metadata={"help": "Filled at creation: group -> module names."})
 
+    filled_fields = PeftBasisConfig.filled_fields + ("groups",)
+
     def replaced_modules(self) -> list[str]:
         """The modules whose dense weight this adapter replaces (what lean loading never reads)."""
         return sorted(m for members in self.groups.values() for m in members)
@@ -67,14 +71,26 @@ class SharedBasisConfig(PeftBasisConfig):
     def __post_init__(self):
         self.peft_type = add_peft_type("SHARED_BASIS")
         super().__post_init__()
-        if not 0 <= self.compression_ratio < 1:
-            raise ValueError(
-                f"compression_ratio is the fraction of parameters removed and must be in [0, 1); got "
-                f"{self.compression_ratio}. (0.2 keeps 80% of the targeted parameters.)"
-            )
-        if self.group_size != "auto" and not (isinstance(self.group_size, int) and self.group_size >= 1):
-            raise ValueError(f"group_size must be a positive int or 'auto', got {self.group_size!r}")
-        if self.rank_allocation not in ("uniform", "global"):
-            raise ValueError(f"rank_allocation must be 'uniform' or 'global', got {self.rank_allocation!r}")
+        number(self, "compression_ratio", low=0, high=1, low_open=True, high_open=True,
+               meaning="the fraction of parameters removed (of the targeted ones)",
+               hint="0.2 keeps 80%. (0 would remove nothing yet still factorise every weight: to keep the model as it "
+                    "is, do not compress it.)")
+        if self.group_size != "auto":
+            number(self, "group_size", low=1, integer=True,
+                   hint="Pass the layers per shared basis (1 = private bases, 2 = the paper's), or 'auto'.")
+        int_list(self, "auto_group_sizes", low=1, hint="group_size='auto' tries these layers per basis, e.g. [1, 2, 4].")
+        number(self, "auto_selection_tokens", low=0, integer=True,
+               hint="Calibration tokens group_size='auto' scores each grouping on (0: by calibration error only).")
+        choice(self, "rank_allocation", ("uniform", "global"))
         if isinstance(self.shared_modules, set):
             self.shared_modules = sorted(self.shared_modules)
+        if self.shared_modules is not None and (
+                not isinstance(self.shared_modules, (list, tuple)) or not all(isinstance(m, str) for m in self.shared_modules)):
+            raise ConfigError(f"SharedBasisConfig(shared_modules={self.shared_modules!r}): pass a list of matrix names, "
+                              "e.g. ['q_proj', 'k_proj'], or None for the paper's choice.")
+        if self.shared_modules is not None and self.group_size == "auto":
+            raise ConfigError(
+                f"SharedBasisConfig(shared_modules={self.shared_modules!r}, group_size='auto'): 'auto' decides for every "
+                "matrix type from data whether it shares, so shared_modules would be ignored. Pass an integer "
+                "group_size with shared_modules, or drop shared_modules."
+            )
