@@ -35,7 +35,7 @@ from .grouping import (
     record_groups,
     uniform_rank,
 )
-from .layer import SharedBasisLayer
+from .layer import SharedBasisLayer, saved_basis_name, saved_coefficient_name
 from .sequential import SharedBasisLayerCompressor
 
 
@@ -46,6 +46,20 @@ class SharedBasisModel(PeftBasisTuner):
     prefix = "sb_"
     tuner_layer_cls = SharedBasisLayer
     uses_shared_state = True
+    method_label = "Basis Sharing"
+
+    @classmethod
+    def is_loading(cls, config) -> bool:
+        return bool(config.groups)
+
+    @classmethod
+    def saved_keys(cls, config) -> set[str]:
+        keys = {saved_basis_name(g) for g in config.groups}
+        return keys | {saved_coefficient_name(m) for members in config.groups.values() for m in members}
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """No upcast: the factors ARE the model's weights now (PEFT would upcast the per-layer coefficients of an
+        fp16/bf16 model to fp32 but not the shared bases, which live on the tuner). They stay in the model's dtype."""
 
     @classmethod
     def layer_compressor(cls, config, output_dir: str, **options) -> SharedBasisLayerCompressor:
@@ -134,6 +148,7 @@ class SharedBasisModel(PeftBasisTuner):
         self._member_group: dict[str, str] = {}
         bases = nn.ParameterDict()
         if config.groups:  # loading: shapes from the config, values from the checkpoint; no SVD
+            self.check_rank_pattern_targets("Basis Sharing", {m: 0 for ms in config.groups.values() for m in ms}, shapes)
             missing = [n for n in names if not any(n in m for m in config.groups.values())]
             if missing:
                 raise ValueError(
@@ -221,6 +236,9 @@ class SharedBasisModel(PeftBasisTuner):
         spectra: dict[str, torch.Tensor] = {}
 
         if config.group_size == "auto":
+            for type_name, members in types.items():  # every plan's budget, before any work (raises if impossible)
+                for n in sorted({n for n in config.auto_group_sizes if n <= len(members)} | {1}):
+                    rank_bounds(chunk(type_name, members, n, shapes), config)
             groups, ranks = [], []
             selection = self._selection_batches(stats)
             chosen_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # member -> (basis, coefficient)
