@@ -259,8 +259,7 @@ class BasisModel(PeftBasisTuner):
 
     @classmethod
     def saved_keys(cls, config) -> set[str]:
-        parts = ("basis_core",) + (() if config.trainable == "output" else ("basis_U",)) + (
-            () if config.trainable == "input" else ("basis_R",))
+        parts = ["basis_core"] + ["basis_U"] * (config.trainable != "output") + ["basis_R"] * (config.trainable != "input")
         return {f"base_model.model.{n}.{p}" for n, r in config.rank_pattern.items() if r > 0 for p in parts}
 
     # ---- targets (also on a model that already carries BASIS adapters) ---------------------------------
