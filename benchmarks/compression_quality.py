@@ -5,9 +5,9 @@ and loss-aware ranks, on two held-apart texts, with each stage's cost.
     python benchmarks/compression_quality.py --rows anchored --ratios 0.2 --threads 2
     python benchmarks/compression_quality.py --update              # rerun the given rows, keep the others
 
-Protocol (the same tokens for every row): calibration on the first 16 x 512 tokens of the Britannica text
-(4 batches of 4 sequences; the anchored rows hold the last batch apart for their choices and refit on
-all); perplexity on the last 8 x 512 Britannica tokens (held apart) and on the first 8 x 512 tokens of
+Protocol (the same tokens for every row): calibration on the first ``--calib-blocks`` x 512 tokens of the
+Britannica text (64 blocks by default, in batches of 4 sequences; rows that choose something hold the last
+quarter of the batches apart for it and refit on all); perplexity on the last 8 x 512 Britannica tokens (held apart) and on the first 8 x 512 tokens of
 Python's own documentation (pydoc: another domain, never calibrated on). Every row stores at most
 ``1 - ratio`` of the targeted parameters (stored fraction recorded). Each row runs in a fresh process:
 seconds of calibrate + compress, the same over the bare forward passes over the calibration batches
@@ -33,20 +33,23 @@ ROWS = {
     "whitened per layer (today, dense inputs)": dict(group_size=1),
     "compressed inputs (today, layer by layer)": dict(group_size=1, pipeline="compress_sequential_compressed"),
     "anchored": dict(group_size=1, inputs="anchored"),
-    "anchored + block refinement": dict(group_size=1, inputs="anchored", refine_epochs=8, refine_lr=1e-4),
-    "anchored + refinement + loss-aware ranks": dict(group_size=1, inputs="anchored", refine_epochs=8, refine_lr=1e-4,
+    "anchored + block refinement": dict(group_size=1, inputs="anchored", refine_epochs=4, refine_lr=1e-4),
+    "anchored + loss-aware ranks": dict(group_size=1, inputs="anchored", rank_allocation="loss"),
+    "anchored + refinement + loss-aware ranks": dict(group_size=1, inputs="anchored", refine_epochs=4, refine_lr=1e-4,
                                                      rank_allocation="loss"),
+    "anchored, anchor chosen per sub-layer on held-apart batches": dict(group_size=1, inputs="anchored", anchor="auto"),
     "loss-aware ranks, dense inputs": dict(group_size=1, rank_allocation="loss"),
     "group_size=2 (paper's sharing, dense inputs)": dict(group_size=2),
     "group_size=auto (chosen on held-apart tokens)": dict(group_size="auto"),
 }
 SHORT = {"whitened": "whitened per layer (today, dense inputs)", "compressed": "compressed inputs (today, layer by layer)",
-         "anchored": "anchored", "refined": "anchored + block refinement",
+         "anchored": "anchored", "refined": "anchored + block refinement", "anchored_loss": "anchored + loss-aware ranks",
+         "anchored_auto": "anchored, anchor chosen per sub-layer on held-apart batches",
          "loss": "anchored + refinement + loss-aware ranks", "loss_dense": "loss-aware ranks, dense inputs",
          "g2": "group_size=2 (paper's sharing, dense inputs)", "auto": "group_size=auto (chosen on held-apart tokens)"}
 
 
-def run_row(name: str, ratio: float, threads: int) -> dict:
+def run_row(name: str, ratio: float, threads: int, calib_blocks: int) -> dict:
     import tempfile
     import warnings
 
@@ -62,9 +65,9 @@ def run_row(name: str, ratio: float, threads: int) -> dict:
     spec = dict(ROWS[name])
     pipeline = spec.pop("pipeline", "calibrate")
     model, tok = load_default_model()
-    calib, held = split_blocks(tok, "britannica", 512, 16, 8)
+    calib, held = split_blocks(tok, "britannica", 512, calib_blocks, 8)
     pydoc = token_blocks(tok, load_text("pydoc"), 512, 8)
-    batches = [calib[i : i + 4] for i in range(0, 16, 4)]
+    batches = [calib[i : i + 4] for i in range(0, calib_blocks, 4)]
     model_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     with torch.no_grad():  # the floor: the bare forward passes over the same batches
         model.model(input_ids=batches[0], use_cache=False)
@@ -107,7 +110,7 @@ def run_row(name: str, ratio: float, threads: int) -> dict:
     return {"row": name, "ratio": ratio, "britannica": perplexity(compressed, held), "pydoc": perplexity(compressed, pydoc),
             "stored_fraction": stored / dense, "seconds": seconds, "forward_seconds": forward_seconds,
             "cost_over_forward": seconds / forward_seconds, "peak_over_model": (peak - base_rss + model_bytes) / model_bytes,
-            "threads": threads, **extra}
+            "threads": threads, "calib_tokens": int(calib.numel()), **extra}
 
 
 def dense_reference(threads: int) -> dict:
@@ -152,12 +155,19 @@ def main(argv=None) -> None:
     p.add_argument("--rows", default="whitened,compressed,anchored,refined,loss,loss_dense,g2,auto")
     p.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--calib-blocks", type=int, default=64)
+    p.add_argument("--anchor", type=float, default=None, help="the anchored rows' anchor (default: the config's)")
     p.add_argument("--update", action="store_true", help="keep the rows already in the results file")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         name, ratio = args.worker
-        out = dense_reference(args.threads) if name == "dense" else run_row(name, float(ratio), args.threads)
+        if args.anchor is not None:
+            for spec in ROWS.values():
+                if spec.get("inputs") == "anchored" and spec.get("anchor") != "auto":
+                    spec["anchor"] = args.anchor
+        out = dense_reference(args.threads) if name == "dense" else run_row(name, float(ratio), args.threads,
+                                                                            args.calib_blocks)
         print("RESULT " + json.dumps(out), flush=True)
         return
     path = os.path.join(RESULTS, "compression_quality")
@@ -168,7 +178,8 @@ def main(argv=None) -> None:
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
     def worker(name: str, ratio: float) -> dict:
-        cmd = [sys.executable, __file__, "--worker", name, str(ratio), "--threads", str(args.threads)]
+        cmd = [sys.executable, __file__, "--worker", name, str(ratio), "--threads", str(args.threads),
+               "--calib-blocks", str(args.calib_blocks)] + ([] if args.anchor is None else ["--anchor", str(args.anchor)])
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
         if done.returncode or not lines:

@@ -24,7 +24,10 @@ from .tuners.shared_basis import SharedBasisConfig, SharedBasisModel  # noqa: E4
 from . import hub  # noqa: E402  (model cards, push_to_hub, adapter type checks)
 from .hub import load_adapter, record_quality  # noqa: E402
 
+from . import persistence  # noqa: E402  (atomic saves, checks on load)
+
 hub.install()  # model cards and push_to_hub for peft-basis adapters: PEFT's own calls, wrapped once
+persistence.install()  # atomic folder saves, checks of what loads, plain errors: PEFT's calls, wrapped once
 
 __all__ = [
     "AdapterTypeError",

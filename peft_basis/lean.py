@@ -80,7 +80,7 @@ def load_lean(model_path: str, adapter_path: str, *, dtype: torch.dtype | None =
     # take no memory either.
     with torch.device("meta"):
         peft_model = PeftModel(model, peft_config, adapter_name=adapter_name, low_cpu_mem_usage=True)
-    _load_adapter_in_chunks(peft_model, adapter_path, adapter_name, device)
+    _load_adapter_in_chunks(peft_model, adapter_path, adapter_name, device, dtype)
     peft_model.to(device)  # tensors on the tuner itself (the shared bases) follow no base layer
     for p in peft_model.parameters():  # inference, as PeftModel.from_pretrained(is_trainable=False) leaves it
         p.requires_grad_(False)
@@ -99,30 +99,46 @@ def load_lean(model_path: str, adapter_path: str, *, dtype: torch.dtype | None =
 CHUNK_BYTES = 64 * 2**20
 
 
-def _load_adapter_in_chunks(peft_model, adapter_path: str, adapter_name: str, device) -> None:
+def _load_adapter_in_chunks(peft_model, adapter_path: str, adapter_name: str, device, dtype=None) -> None:
     import os
 
-    from peft.utils import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors import safe_open
+
+    from .persistence import check_loaded_tensors
 
     file = os.path.join(adapter_path, "adapter_model.safetensors")
     if not os.path.exists(file):
         raise FileNotFoundError(f"{file} not found: lean loading reads safetensors adapters (save_pretrained's default).")
-    with safe_open(file, framework="pt") as f:
-        keys = list(f.keys())
+    try:
+        with safe_open(file, framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged header
+        from .errors import CheckpointError
+
+        raise CheckpointError(f"{file} is damaged or truncated ({e}): save or download the adapter again.") from e
+    expected = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    # the factors in the model's dtype (assigning keeps the file's dtype: an fp32 adapter on a bf16 model)
+    want = {k: t.dtype for k, t in expected.items()}
     unexpected: list[str] = []
     i = 0
     while i < len(keys):
         chunk, size = {}, 0
         with safe_open(file, framework="pt", device="cpu") as f:  # reopened per chunk: mapped pages are released
             while i < len(keys) and (not chunk or size < CHUNK_BYTES):
-                t = f.get_tensor(keys[i]).to(device)
+                t = f.get_tensor(keys[i])
+                t = t.to(device, dtype=want[keys[i]]) if t.is_floating_point() and keys[i] in want else t.to(device)
                 chunk[keys[i]] = t
                 size += t.numel() * t.element_size()
                 i += 1
+        check_loaded_tensors(peft_model, chunk, adapter_name, complete=False, where=adapter_path)
         result = set_peft_model_state_dict(peft_model, chunk, adapter_name=adapter_name, low_cpu_mem_usage=True)
         unexpected += result.unexpected_keys
         del chunk
+    missing = sorted(k for k in expected if k not in keys)
+    if missing:
+        present = {k: torch.empty(0, device="meta") for k in keys}
+        check_loaded_tensors(peft_model, present, adapter_name, where=adapter_path)  # raises: names what is missing
     if unexpected:
         raise RuntimeError(f"The adapter holds tensors this model has no place for (e.g. {unexpected[:3]}); load it onto "
                            "the base model it was made from.")

@@ -181,9 +181,9 @@ def test_anchored_settings_fail_with_the_fix():
     with pytest.raises(ValueError, match="group_size=1"):
         peft_basis.calibrate(tiny_llama(layers=2), SharedBasisConfig(group_size=2, inputs="anchored"), token_batches(1),
                              progress=False)
-    with pytest.raises(ValueError, match="inputs must be 'dense' or 'anchored'"):
+    with pytest.raises(ValueError, match="inputs must be one of 'dense', 'anchored'"):
         SharedBasisConfig(inputs="shifted")
-    with pytest.raises(ValueError, match="anchor must be"):
+    with pytest.raises(ValueError, match="anchor.*must be"):
         SharedBasisConfig(anchor=2.0)
     with pytest.raises(ValueError, match="rank_allocation='uniform' or 'loss'"):
         peft_basis.calibrate(tiny_llama(layers=2), _anchored(rank_allocation="global"), token_batches(1), progress=False)
@@ -192,3 +192,15 @@ def test_anchored_settings_fail_with_the_fix():
         peft_basis.calibrate(tiny_llama(layers=2), _anchored(), [torch.randint(0, 128, (1, 8)) for _ in range(2)],
                              progress=False)
     assert any("calibration tokens are fitted" in str(w.message) and "at least" in str(w.message) for w in caught)
+
+
+def test_anchored_statistics_save_and_reload_into_the_same_adapter(tmp_path):
+    data = token_batches(4)
+    config = _anchored()
+    peft_basis.calibrate(tiny_llama(layers=2), config, data, progress=False, save_to=str(tmp_path / "s.safetensors"))
+    direct = get_peft_model(tiny_llama(layers=2), config)
+    again = _anchored()
+    peft_basis.use_statistics(again, str(tmp_path / "s.safetensors"))
+    reloaded = get_peft_model(tiny_llama(layers=2), again)
+    with torch.no_grad():
+        assert torch.equal(direct(IDS).logits, reloaded(IDS).logits)

@@ -10,11 +10,12 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # Lower layers never import higher ones (same layer: allowed, as long as there is no circle).
 LAYERS = [
-    ["_version", "errors", "_peft_type", "modules", "budget", "distributed", "evaluation", "data"],
+    ["_version", "errors", "_peft_type", "modules", "budget", "distributed", "evaluation", "data", "validation",
+     "fingerprint"],
     ["linalg", "io"],
     ["calibration"],
     ["tuners"],
-    ["compression", "lean", "hub", "task_vectors", "standalone", "harness"],
+    ["compression", "lean", "hub", "task_vectors", "standalone", "harness", "persistence"],
     ["cli", "__init__"],
 ]
 MAX_LINES = 420

@@ -12,6 +12,7 @@ import peft_basis  # noqa: F401
 from peft_basis import SharedBasisConfig, calibrate
 from peft_basis.evaluation import count_parameters
 from peft_basis.modules import linear_weight
+from peft_basis.tuners.shared_basis.auto import selection_batches
 
 from .models import BUILDERS, fresh_copy, tiny_llama, token_batches
 
@@ -198,7 +199,7 @@ def test_auto_group_size_chooses_by_model_loss_on_held_apart_calibration_tokens(
     # it chose on batches the Grams never saw (the last quarter), not on the tokens it fitted
     held = stats.meta["held_apart_batches"]
     assert held == [4, 5]
-    batches = type(auto.base_model)._selection_batches(stats)
+    batches = selection_batches(stats)
     assert torch.equal(batches[0]["input_ids"], data[4])
     # the first type's private candidate is scored exactly as that model: q_proj alone compressed per layer,
     # fitted on the other batches

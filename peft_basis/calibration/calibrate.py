@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .fisher import accumulators, finish_fisher
+from .inputs import checked_batches, model_vocab_size, statistics_fingerprint
 from .pipelines import LayerHandler, LayerSequentialPipeline, WholeModelPipeline, get_pipeline
 from .protocol import method_for
 from .statistics import HELD_APART, CalibrationStatistics
@@ -37,6 +38,7 @@ def calibrate(
     of the whole model per batch) or ``"layer_sequential"`` (one decoder layer at a time: the same
     statistics, less memory; see :func:`calibrate_sequential`).
     """
+    CalibrationStatistics.check_save_path(save_to)  # before any work
     if get_pipeline(pipeline) is LayerSequentialPipeline:
         if statistics is not None:
             raise ValueError("pipeline='layer_sequential' computes the statistics; pass `statistics` only with the "
@@ -60,6 +62,7 @@ def calibrate(
         use_statistics(config, stats)
         return stats
     names = method.resolve_target_names(model, config)
+    dataloader = checked_batches(dataloader, model_vocab_size(model), max_batches)
     run = WholeModelPipeline(model, names, dataloader, max_batches=max_batches, progress=progress)
     if statistics is not None:
         stats = CalibrationStatistics.load(statistics) if isinstance(statistics, str) else statistics
@@ -69,6 +72,7 @@ def calibrate(
                 f"The given statistics lack {len(missing)} of this config's targets (e.g. {missing[:3]}); they were "
                 "computed for other modules. Recompute them with `calibrate(model, config, dataloader)`."
             )
+        stats.check_fits(model, names)
     else:
         if dataloader is None:
             raise ValueError("calibrate needs a `dataloader` (or precomputed `statistics`).")
@@ -76,6 +80,7 @@ def calibrate(
         held = set(method.held_apart_batches(config, len(batches)))
         run = WholeModelPipeline(model, names, [b for i, b in enumerate(batches) if i not in held], progress=progress)
         stats = run.grams()
+        stats.meta["base_model_fingerprint"] = statistics_fingerprint(model, names)
         if held:  # kept out of the fitted Grams: the method chooses on them, then adds their Grams back
             held_batches = [batches[i] for i in sorted(held)]
             apart = WholeModelPipeline(model, names, held_batches, progress=progress).grams()
@@ -190,15 +195,18 @@ def calibrate_sequential(
     method's ``get_peft_model`` needs of them, computed while the layer is loaded (BASIS: each module's
     directions and spectrum): ``r_max x (d_in + d_out)`` floats per module instead of ``d_in^2``. The
     statistics then serve this config (or one needing no more directions), not any method."""
+    CalibrationStatistics.check_save_path(save_to)  # before any work
     method = method_for(config)
     if not keep_grams and not method.has_layer_summary:
         raise ValueError(f"keep_grams=False: {type(config).__name__} builds its adapter from the Grams themselves; "
                          "keep them (keep_grams=True).")
+    dataloader = checked_batches(dataloader, model_vocab_size(model), max_batches)
     pipeline = LayerSequentialPipeline(model, lambda m: method.resolve_target_names(m, config), dataloader,
                                        max_batches=max_batches, progress=progress, dtype=dtype, device=device,
                                        saved_inputs=activations, scratch_dir=scratch_dir)
     merged = pipeline.run(StatisticsHandler(method, config, keep_grams))
     merged.meta["pipeline"] = "sequential"
+    merged.meta["base_model_fingerprint"] = statistics_fingerprint(model, lambda m: method.resolve_target_names(m, config))
     if save_to is not None:
         merged.save(save_to)
     use_statistics(config, merged)

@@ -84,9 +84,48 @@ class CalibrationStatistics:
         torch.distributed.all_reduce(counts)
         self.tokens = {k: int(c) for k, c in zip(keys, counts.tolist())}
 
+    def check_fits(self, model, names) -> None:
+        """Refuse statistics of another model: each target's Gram must be ``d_in x d_in`` for this model's module,
+        and the base model's fingerprint (when recorded) must match."""
+        from ..fingerprint import check_fingerprint
+        from ..modules import in_out_features
+
+        check_fingerprint(self.meta.get("base_model_fingerprint"), model, "These calibration statistics",
+                          "Calibrate this model: `peft_basis.calibrate(model, config, dataloader)`.")
+        modules = dict(model.named_modules())
+        for n in names:
+            if n not in self.sources or self.sources[n] not in self.grams:
+                continue
+            d = self.grams[self.sources[n]].shape[0]
+            d_in = in_out_features(getattr(modules[n], "base_layer", modules[n]))[0]
+            if d != d_in:
+                raise CalibrationError(
+                    f"The calibration statistics do not fit this model: the Gram of {n} is {d}x{d}, but the module "
+                    f"takes {d_in} inputs. They were computed on a model of other sizes; calibrate this model: "
+                    "`peft_basis.calibrate(model, config, dataloader)`."
+                )
+
     # ---- storage -----------------------------------------------------------------------------
+    @staticmethod
+    def check_save_path(path: str | None) -> None:
+        """A file path statistics can be saved to (checked before any calibration work)."""
+        if path is None:
+            return
+        if os.path.isdir(path):
+            raise CalibrationError(
+                f"save_to={path!r} is a folder; statistics are one file. Pass a file path such as "
+                f"{os.path.join(path, CalibrationStatistics.FILENAME)!r} (what CalibrationStatistics.from_pretrained"
+                f"({path!r}) reads)."
+            )
+        parent = os.path.dirname(os.path.abspath(path))
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if parent and not os.path.isdir(parent):
+            raise CalibrationError(f"save_to={path!r}: {parent} is a file, so no folder can be made there for it.")
+
     def save(self, path: str) -> None:
         """Write to one safetensors file (atomically); reload with :meth:`load`."""
+        self.check_save_path(path)
         tensors = {f"gram/{k}": v.contiguous().cpu() for k, v in self.grams.items()}
         tensors.update({f"extra/{k}": v.contiguous().cpu() for k, v in self.extra.items()})
         metadata = {
@@ -109,7 +148,23 @@ class CalibrationStatistics:
             raise CalibrationError(f"{path} is not a readable safetensors file ({e}). Re-run `calibrate` and save again.") from e
         if metadata.get("format") != "peft_basis.calibration":
             raise CalibrationError(f"{path} is a safetensors file but not peft-basis calibration statistics.")
-        tensors = load_file(path)
+        try:
+            tensors = load_file(path)
+            sources, tokens = json.loads(metadata["sources"]), json.loads(metadata["tokens"])
+        except Exception as e:  # noqa: BLE001 - a truncated body, or metadata edited by hand
+            raise CalibrationError(f"{path} is damaged or truncated ({e}). Re-run `calibrate` and save again.") from e
+        for k, v in tensors.items():
+            if not v.is_floating_point() and not k.startswith("extra/selection/"):  # token ids are the one exception
+                raise CalibrationError(f"{path}: {k} is stored as {v.dtype}; statistics are floating point. The file "
+                                       "was not written by peft-basis or was converted wrongly: calibrate and save again.")
+        grams = {k[5:] for k in tensors if k.startswith("gram/")}
+        # a module's statistics: its Gram, or what stands in for it (BASIS directions, fitted factors)
+        lost = [m for m, key in sources.items() if key not in grams and f"extra/basis_R/{m}" not in tensors
+                and f"extra/factors/coefficient/{m}" not in tensors]
+        lost += [k for k in grams if k not in tokens]
+        if lost:
+            raise CalibrationError(f"{path} is incomplete: it names statistics it does not hold (e.g. {lost[:3]}). "
+                                   "Calibrate and save again.")
         stats = cls(
             grams={k[5:]: v for k, v in tensors.items() if k.startswith("gram/")},
             extra={k[6:]: v for k, v in tensors.items() if k.startswith("extra/")},

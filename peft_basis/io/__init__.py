@@ -3,11 +3,13 @@ safetensors writer, and moving folders to and from the Hub. Nothing here knows a
 
 from .checkpoint import ShardedCheckpoint, materialize, meta_model, release, set_tensor, trim_memory
 from .files import atomic_write, atomic_write_text
+from .folders import atomic_folder
 from .safetensors_stream import SafetensorsStreamWriter, save_streaming
 
 __all__ = [
     "SafetensorsStreamWriter",
     "ShardedCheckpoint",
+    "atomic_folder",
     "atomic_write",
     "atomic_write_text",
     "materialize",

@@ -14,13 +14,14 @@ import math
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..errors import TaskVectorError
-from ..io import atomic_write_text, save_streaming
+from ..io import atomic_folder, atomic_write_text, save_streaming
 from .legacy import is_legacy_folder, read_legacy
 from .methods import DEFAULT_CHUNK, accumulate_gram, ae_factors, build_bases, pca_factors
 from .sources import DeltaReader, resolve_path
@@ -223,7 +224,14 @@ class TaskVectorBasis:
 
     # ---- save / load ------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str) -> None:
-        os.makedirs(save_directory, exist_ok=True)
+        """Write the two files into a temporary folder and swap it in (``peft_basis.io.atomic_folder``): the folder
+        under ``save_directory`` always holds a matching pair (one ``content_id`` in both), never new vectors under
+        old task names."""
+        with atomic_folder(save_directory) as tmp:
+            self._write(tmp)
+
+    def _write(self, save_directory: str) -> None:
+        content_id = uuid.uuid4().hex
         tensors = {f"basis.{k}": v.contiguous() for k, v in self.bases.items()}
         if self.mean is not None:
             tensors.update({f"mean.{k}": v.contiguous() for k, v in self.mean.items()})
@@ -236,8 +244,8 @@ class TaskVectorBasis:
                 "num_tasks": self.num_tasks, "num_bases": self.num_bases, "hyperparameters": self.hyperparameters,
                 "keys": self.keys, "shapes": {k: list(v.shape[1:]) for k, v in self.bases.items()},
                 "dtype": str(next(iter(self.bases.values())).dtype).replace("torch.", ""),
-                "storage": self.storage(), "info": _jsonable(self.info)}
-        save_streaming(tensors, os.path.join(save_directory, WEIGHTS_NAME), {"format": "pt"})
+                "storage": self.storage(), "info": _jsonable(self.info), "content_id": content_id}
+        save_streaming(tensors, os.path.join(save_directory, WEIGHTS_NAME), {"format": "pt", "content_id": content_id})
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(meta, indent=2))
 
     @classmethod
@@ -246,7 +254,6 @@ class TaskVectorBasis:
         """A folder written by :meth:`save_pretrained`, a Hub repo id (``snapshot_download`` of the two
         files; ``revision``/``subfolder``/``token`` as usual), or a folder of the original repository's
         artifacts (converted on the fly, see :func:`from_legacy`)."""
-        from safetensors.torch import load_file
 
         if os.path.isdir(path_or_repo_id):
             path = os.path.join(path_or_repo_id, subfolder) if subfolder else path_or_repo_id
@@ -263,11 +270,14 @@ class TaskVectorBasis:
                 return from_legacy(path)
             raise FileNotFoundError(f"{path} holds no {CONFIG_NAME}; it was not written by TaskVectorBasis.save_pretrained "
                                     "(nor is it a folder of the original repo's basis_vectors.pt / method_info.json).")
-        with open(cfg_path) as f:
-            meta = json.load(f)
+        try:
+            with open(cfg_path) as f:
+                meta = json.load(f)
+        except ValueError as e:
+            raise TaskVectorError(f"{cfg_path} is not valid JSON ({e}): the file is damaged; save the basis again.") from None
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{path} was written by a newer peft-basis (format {meta['format_version']}); upgrade.")
-        tensors = load_file(os.path.join(path, WEIGHTS_NAME))
+        tensors = _read_checked(os.path.join(path, WEIGHTS_NAME), meta)
         bases = {k: tensors[f"basis.{k}"] for k in meta["keys"]}
         for k in meta["keys"]:
             if list(bases[k].shape[1:]) != meta["shapes"][k]:
@@ -344,6 +354,34 @@ def apply_delta(model, delta: dict[str, torch.Tensor], alpha: float, inplace: bo
         done.add(ptr)
         t.add_(d.to(t.dtype), alpha=alpha)
     return target if not isinstance(model, nn.Module) else sd_model
+
+
+def _read_checked(file: str, meta: dict) -> dict[str, torch.Tensor]:
+    """The weights file, refused when damaged, of another save than the JSON, incomplete, or not finite floats."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework="pt") as f:
+            file_id = (f.metadata() or {}).get("content_id")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise TaskVectorError(f"{file} is missing: the folder holds the JSON of a basis but not its vectors (an "
+                              "interrupted copy). Copy or save the whole folder again.") from None
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+        raise TaskVectorError(f"{file} is damaged or truncated ({e}): save or download the basis again.") from e
+    if file_id is not None and meta.get("content_id") is not None and file_id != meta["content_id"]:
+        raise TaskVectorError(f"{file} and {CONFIG_NAME} come from two different saves (their content_id differ): the "
+                              "vectors would be read under another save's task names. Save the basis again.")
+    need = [f"basis.{k}" for k in meta["keys"]] + ([f"mean.{k}" for k in meta["keys"]] if meta["method"] == "pca" else [])
+    missing = [k for k in need + ["coefficients"] if k not in tensors]
+    if missing:
+        raise TaskVectorError(f"{file} lacks {missing[:3]} that {CONFIG_NAME} lists: the files do not belong together "
+                              "or the save was interrupted. Save the basis again.")
+    for k, t in tensors.items():
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise TaskVectorError(f"{file}: {k} is {'not finite' if t.is_floating_point() else t.dtype}; a basis holds "
+                                  "finite floating-point tensors. The file is damaged: save the basis again.")
+    return tensors
 
 
 def _jsonable(obj):

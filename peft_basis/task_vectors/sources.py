@@ -27,6 +27,22 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 
 
+def _load_bin(path: str) -> dict:
+    """A ``*.bin`` state dict read with ``torch.load(weights_only=True)``; anything beyond tensors is refused plainly."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        from ..errors import TaskVectorError
+
+        raise TaskVectorError(
+            f"{path} cannot be read safely with torch.load(weights_only=True) ({type(e).__name__}: {str(e)[:160]}). "
+            "It holds more than tensors (or is damaged); it is not loaded, since unpickling it could run arbitrary "
+            "code. If you trust it, load it yourself and save the model with save_pretrained (safetensors)."
+        ) from e
+
+
 def _is_float(t: torch.Tensor) -> bool:
     return t.dtype.is_floating_point
 
@@ -97,7 +113,7 @@ class FolderSource(Source):
                 raise FileNotFoundError(
                     f"{path} holds no *.safetensors or *.bin weights; pass a folder written by save_pretrained.")
             for f in bins:
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                sd = _load_bin(f)
                 self._tensors.update({k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and _is_float(v)})
 
     def keys(self):

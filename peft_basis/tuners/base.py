@@ -12,7 +12,10 @@ from torch import nn
 
 from ..calibration.protocol import CalibrationMethod
 from ..errors import AdapterTypeError
+from ..fingerprint import check_fingerprint, model_fingerprint
 from ..modules import find_linear_names, is_linear, output_embedding_names
+from ..validation import check_finite_weights, number
+from .guard import guarded_creation
 
 INSTALL_HINT = "This adapter was made with peft-basis: `pip install peft-basis` and `import peft_basis` before loading it."
 
@@ -44,6 +47,14 @@ class PeftBasisConfig(PeftConfig):
     # with a bare KeyError on the peft_type, so the hint is the first thing anyone reading the JSON sees).
     requires: str = field(default=INSTALL_HINT, metadata={"help": "How to load this adapter."})
     peft_basis_version: Optional[str] = field(default=None, metadata={"help": "peft-basis version that wrote it."})
+    base_model_fingerprint: Optional[dict] = field(
+        default=None,
+        metadata={"help": "Filled at creation: a few values of the base model's weights (peft_basis.fingerprint), "
+                  "checked on load so the adapter is never applied to another model."},
+    )
+
+    # The fields get_peft_model fills from data (reset when one config object creates a second adapter).
+    filled_fields = ("rank_pattern", "base_model_fingerprint")
 
     def __post_init__(self):
         super().__post_init__()
@@ -55,8 +66,8 @@ class PeftBasisConfig(PeftConfig):
             raise ValueError(f"{type(self).__name__} adapts whole Linear modules; `target_parameters` is not supported.")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
-        if not self.damping > 0:
-            raise ValueError(f"damping must be > 0, got {self.damping}")
+        number(self, "damping", low=0, low_open=True,
+               hint="It scales the eigenvalue floor of the calibration Grams; the default 1e-6 suits every model.")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
@@ -90,6 +101,8 @@ class PeftBasisConfig(PeftConfig):
         new = cls.__new__(cls)
         memo[id(self)] = new
         for k, v in self.__dict__.items():
+            if k == "_peft_basis_recipe":  # a copy has created nothing yet
+                continue
             object.__setattr__(new, k, v if k == "_calibration_statistics" else copy.deepcopy(v, memo))
         return new
 
@@ -101,6 +114,50 @@ class PeftBasisTuner(BaseTuner, CalibrationMethod):
     (:class:`~peft_basis.calibration.protocol.CalibrationMethod`; its defaults ask for Grams only)."""
 
     target_module_mapping: dict = {}
+    method_label = "peft-basis"
+
+    # ---- creation as one transaction (tuners/guard.py) ---------------------------------------------------
+    def __init__(self, model, peft_config, adapter_name: str, low_cpu_mem_usage: bool = False, state_dict=None):
+        configs = {adapter_name: peft_config} if isinstance(peft_config, PeftConfig) else peft_config
+        with guarded_creation(type(self), model, configs, adapter_name):
+            super().__init__(model, configs, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
+                             state_dict=state_dict)
+
+    def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False,
+                       state_dict=None):
+        with guarded_creation(type(self), model, self.peft_config, adapter_name):
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                   low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    @classmethod
+    def is_loading(cls, config) -> bool:
+        """Whether ``config`` describes a saved adapter (shapes from the config, values from a file) rather than
+        one to create from the model and its statistics."""
+        return bool(config.rank_pattern) and config.calibration_statistics is None
+
+    @classmethod
+    def check_creation(cls, model: nn.Module, config) -> dict | None:
+        """Before any work: the targets' weights are finite and the attached statistics fit this model. Returns
+        the base model's fingerprint (recorded in the config once the adapter is made)."""
+        names = cls.resolve_target_names(model, config)
+        check_finite_weights(model, names, f"{type(config).__name__}")
+        stats = config.calibration_statistics
+        if stats is not None:
+            stats.check_fits(model, names)
+        return model_fingerprint(model, names)
+
+    @classmethod
+    def check_loading(cls, model: nn.Module, config) -> None:
+        """After the adapter's modules are built from a saved config: the base model is the one it was made on."""
+        where = f" ({config.base_model_name_or_path})" if config.base_model_name_or_path else ""
+        check_fingerprint(config.base_model_fingerprint, model, f"This {cls.method_label} adapter",
+                          f"Load it onto the base model it was created from{where}.")
+
+    @classmethod
+    def saved_keys(cls, config) -> set[str] | None:
+        """The keys ``save_pretrained`` writes for ``config`` (PEFT's names, adapter name stripped), from the
+        config alone: what a complete adapter file holds. ``None``: not known (no completeness check)."""
+        return None
 
     def _prepare_adapter_config(self, peft_config, model_config):
         if peft_config.target_modules is None:

@@ -33,7 +33,7 @@ def write_dense_weight(base_layer: nn.Module, weight_out_in: torch.Tensor) -> No
 def factorized_forward(x: torch.Tensor, basis: torch.Tensor, coefficient: torch.Tensor, bias) -> torch.Tensor:
     dtype = x.dtype
     h = nn.functional.linear(x.to(basis.dtype), basis)
-    y = nn.functional.linear(h, coefficient, None if bias is None else bias.to(coefficient.dtype))
+    y = nn.functional.linear(h.to(coefficient.dtype), coefficient, None if bias is None else bias.to(coefficient.dtype))
     return y.to(dtype)
 
 

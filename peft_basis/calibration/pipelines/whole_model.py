@@ -20,7 +20,7 @@ from ..fisher import accumulators, batch_labels, finish_fisher, sequence_loss
 from ..grams import GramCollector, backbone, batch_to_kwargs, model_device
 from ..statistics import CalibrationStatistics
 
-__all__ = ["WholeModelPipeline", "collect_fisher", "collect_grams"]
+__all__ = ["WholeModelPipeline", "collect_fisher", "collect_grams", "model_loss"]
 
 
 class WholeModelPipeline:
@@ -160,3 +160,28 @@ def collect_fisher(
     if n_batches == 0:
         raise CalibrationError("Fisher scores: the dataloader yielded no batches. Pass at least one batch of `input_ids`.")
     return finish_fisher(accs, directions, named, mode, n_seqs, n_labelled_tokens, device, stats, key)
+
+
+@torch.no_grad()
+def model_loss(model: nn.Module, batches: list[dict], forwards: dict | None = None) -> float:
+    """Mean next-token loss of ``model`` over labelled ``batches``, with each module in ``forwards`` computing
+    through the given function instead of its own forward (how a method scores a candidate compression
+    without building it)."""
+    device = next(p.device for p in model.parameters() if p.numel() > 0)
+    patched, was_training = [], model.training
+    total, count = 0.0, 0
+    try:
+        for module, fn in (forwards or {}).items():
+            module.forward = fn
+            patched.append(module)
+        model.eval()
+        for b in batches:
+            kw = {k: v.to(device) for k, v in b.items() if v is not None}
+            n = int((kw["labels"][:, 1:] != -100).sum())
+            total += float(model(**kw, use_cache=False).loss) * n
+            count += n
+    finally:
+        for module in patched:
+            del module.forward
+        model.train(was_training)
+    return total / max(count, 1)

@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..._peft_type import add_peft_type
+from ...errors import ConfigError
+from ...validation import choice, number
 from ..base import PeftBasisConfig
 
 PHASES = ("train", "factorized")
@@ -66,6 +68,8 @@ class BaselConfig(PeftBasisConfig):
     phase: str = field(default="train", metadata={"help": "Filled: 'train' or 'factorized'."})
     initial_fraction: Optional[float] = field(default=None, metadata={"help": "Filled: stored fraction at creation."})
 
+    filled_fields = PeftBasisConfig.filled_fields + ("phase", "initial_fraction")
+
     def replaced_modules(self) -> list[str]:
         """The modules whose dense weight this adapter replaces (what lean loading never reads): every target
         of a saved adapter, unless ``keep_dense_weight``."""
@@ -74,27 +78,25 @@ class BaselConfig(PeftBasisConfig):
     def __post_init__(self):
         self.peft_type = add_peft_type("BASEL")
         super().__post_init__()
-        if not (isinstance(self.keep_ratio, (int, float)) and 0 < self.keep_ratio <= 1):
-            raise ValueError(
-                f"keep_ratio is the fraction of the targeted parameters the factors keep and must be in (0, 1]; got "
-                f"{self.keep_ratio!r}. (keep_ratio=0.5 halves the targeted parameters.)"
-            )
-        if not (isinstance(self.extra_rank, int) and self.extra_rank >= 0):
-            raise ValueError(f"extra_rank must be an int >= 0, got {self.extra_rank!r}")
-        if not 0 <= self.warmup_ratio < self.prune_end_ratio <= 1:
-            raise ValueError(
+        number(self, "keep_ratio", low=0, high=1, low_open=True,
+               meaning="the fraction of the targeted parameters the factors keep", hint="keep_ratio=0.5 halves them.")
+        number(self, "extra_rank", low=0, integer=True, hint="The rank of the trainable extra bases (the paper's 32).")
+        number(self, "warmup_ratio", low=0, high=1)
+        number(self, "prune_end_ratio", low=0, high=1)
+        if not self.warmup_ratio < self.prune_end_ratio:
+            raise ConfigError(
                 f"Need 0 <= warmup_ratio < prune_end_ratio <= 1; got warmup_ratio={self.warmup_ratio}, "
                 f"prune_end_ratio={self.prune_end_ratio}."
             )
+        number(self, "warmup_steps", low=0, integer=True, optional=True)
+        number(self, "prune_end_step", low=1, integer=True, optional=True)
         if self.warmup_steps is not None and self.prune_end_step is not None and self.warmup_steps >= self.prune_end_step:
-            raise ValueError(
+            raise ConfigError(
                 f"warmup_steps={self.warmup_steps} must be smaller than prune_end_step={self.prune_end_step}."
             )
-        if not (isinstance(self.pruning_steps, int) and self.pruning_steps >= 1):
-            raise ValueError(f"pruning_steps must be an int >= 1, got {self.pruning_steps!r}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        if self.phase not in PHASES:
-            raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
-        if not (isinstance(self.min_rank, int) and self.min_rank >= 1):
-            raise ValueError(f"min_rank must be an int >= 1, got {self.min_rank!r}")
+        number(self, "pruning_steps", low=1, integer=True, hint="The number of pruning events (the paper's 50).")
+        choice(self, "init", INITS)
+        choice(self, "phase", PHASES, hint="`phase` is filled by the tuner; leave it at its default.")
+        number(self, "svd_threshold", low=0)
+        number(self, "min_rank", low=1, integer=True)
+        number(self, "initial_fraction", low=0, optional=True)

@@ -137,8 +137,10 @@ class BaselLayer(FactorizedLayerMixin, nn.Module, BaseTunerLayer):
             basis = basis @ whitener.inverse.T
         for d in (self.basel_w, self.basel_A_add, self.basel_B_add):
             del d[adapter_name]
-        self.basel_A[adapter_name] = nn.Parameter(basis.to(A.dtype).contiguous(), requires_grad=trainable)
-        self.basel_B[adapter_name] = nn.Parameter(coefficient.to(A.dtype).contiguous(), requires_grad=trainable)
+        # the factors are the model's weights from now on: in the model's dtype (training may have upcast A to fp32)
+        dtype = self.base_layer.weight.dtype if self.base_layer.weight.is_floating_point() else A.dtype
+        self.basel_A[adapter_name] = nn.Parameter(basis.to(dtype).contiguous(), requires_grad=trainable)
+        self.basel_B[adapter_name] = nn.Parameter(coefficient.to(dtype).contiguous(), requires_grad=trainable)
         self.basel_phase[adapter_name] = "factorized"
         return rank
 

@@ -39,6 +39,23 @@ class BaselModel(PeftBasisTuner):
 
     prefix = "basel_"
     tuner_layer_cls = BaselLayer
+    method_label = "Basel"
+
+    @classmethod
+    def is_loading(cls, config) -> bool:
+        return bool(config.rank_pattern)
+
+    @classmethod
+    def saved_keys(cls, config) -> set[str]:
+        parts = ("basel_A", "basel_B") + (("basel_w", "basel_A_add", "basel_B_add") if config.phase == "train" else ())
+        return {f"base_model.model.{n}.{p}" for n in config.rank_pattern for p in parts}
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's upcast of half-precision adapter weights to fp32 for training, but not for consolidated factors:
+        those are the model's weights, kept in its dtype."""
+        if self.peft_config[adapter_name].phase == "factorized":
+            return
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
     def _check_new_adapter_config(self, config) -> None:
         super()._check_new_adapter_config(config)

@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..._peft_type import add_peft_type
+from ...errors import ConfigError
+from ...validation import choice, number
 from ..base import PeftBasisConfig
 
 ALLOCATIONS = ("uniform", "eigen", "fisher")
@@ -83,25 +85,21 @@ class BasisConfig(PeftBasisConfig):
     )
     budget: Optional[int] = field(default=None, metadata={"help": "Filled: the trainable-parameter budget."})
 
+    filled_fields = PeftBasisConfig.filled_fields + ("budget",)
+
     def __post_init__(self):
         self.peft_type = add_peft_type("BASIS")
         super().__post_init__()
-        if not (isinstance(self.r, int) and self.r >= 1):
-            raise ValueError(f"r must be an int >= 1, got {self.r!r}")
-        if self.rank_allocation not in ALLOCATIONS:
-            raise ValueError(f"rank_allocation must be one of {ALLOCATIONS}, got {self.rank_allocation!r}")
-        if self.trainable not in TRAINABLE:
-            raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
-        if not self.fisher_power > 0:
-            raise ValueError(f"fisher_power must be > 0, got {self.fisher_power!r}")
-        if not (isinstance(self.r_min, int) and self.r_min >= 0):
-            raise ValueError(f"r_min must be an int >= 0, got {self.r_min!r}")
-        if self.r_max is not None and not (isinstance(self.r_max, int) and self.r_max >= max(self.r_min, 1)):
-            raise ValueError(f"r_max must be an int >= max(r_min, 1) = {max(self.r_min, 1)}, got {self.r_max!r}")
+        number(self, "r", low=1, integer=True, hint="The rank per module (it also sets the trainable-parameter budget).")
+        choice(self, "rank_allocation", ALLOCATIONS)
+        choice(self, "trainable", TRAINABLE)
+        number(self, "alpha", low=0, low_open=True, hint="The update is scaled by alpha / r, as LoRA's alpha.")
+        number(self, "fisher_power", low=0, low_open=True)
+        number(self, "r_min", low=0, integer=True)
+        number(self, "r_max", low=max(self.r_min, 1), integer=True, optional=True)
+        number(self, "budget", low=1, integer=True, optional=True)
         if self.rank_allocation != "uniform" and self.r_min > self.r:
-            raise ValueError(
+            raise ConfigError(
                 f"r_min={self.r_min} is above r={self.r}: the budget (what uniform r costs) could not give every "
                 "module its minimum rank. Lower r_min or raise r."
             )

@@ -28,6 +28,7 @@ from ...errors import CalibrationError
 from ...linalg import WhitenerCache, canonical_signs, whitened_svd
 from ...modules import find_linear_names, in_out_features, is_linear, layer_index, linear_weight, module_type
 from ..base import PeftBasisTuner, _with_targets, warn_no_calibration
+from ..guard import guarded_creation
 from .config import BasisConfig
 from .layer import BasisLayer
 
@@ -254,6 +255,12 @@ class BasisModel(PeftBasisTuner):
 
     prefix = "basis_"
     tuner_layer_cls = BasisLayer
+    method_label = "BASIS"
+
+    @classmethod
+    def saved_keys(cls, config) -> set[str]:
+        parts = ["basis_core"] + ["basis_U"] * (config.trainable != "output") + ["basis_R"] * (config.trainable != "input")
+        return {f"base_model.model.{n}.{p}" for n, r in config.rank_pattern.items() if r > 0 for p in parts}
 
     # ---- targets (also on a model that already carries BASIS adapters) ---------------------------------
     def _prepare_adapter_config(self, peft_config, model_config):
@@ -313,15 +320,15 @@ class BasisModel(PeftBasisTuner):
     def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False,
                        state_dict=None):
         # Prepared here rather than in _pre_injection_hook, which PEFT does not call for add_adapter.
-        config = self.peft_config[adapter_name]
-        if config.target_modules is None:
-            config.target_modules = _default_targets(model)
-        self._prepare(model, config, adapter_name)
-        try:
-            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                                   low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
-        finally:
-            self._pending = {}
+        with guarded_creation(type(self), model, self.peft_config, adapter_name) as config:
+            if config.target_modules is None:
+                config.target_modules = _default_targets(model)
+            self._prepare(model, config, adapter_name)
+            try:
+                super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                       low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+            finally:
+                self._pending = {}
 
     def _prepare(self, model: nn.Module, config: BasisConfig, adapter_name: str) -> None:
         if not hasattr(self, "allocations"):

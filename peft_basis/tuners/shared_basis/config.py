@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from ..._peft_type import add_peft_type
+from ...errors import ConfigError
+from ...validation import choice, int_list, number
 from ..base import PeftBasisConfig
 
 # Which matrix types share a basis across layers by default (paper section 1.6: the configs it shipped);
@@ -89,6 +91,8 @@ class SharedBasisConfig(PeftBasisConfig):
     refine_epochs: int = field(default=0, metadata={"help": "Block refinement epochs (0: off)."})
     refine_lr: float = field(default=1e-4, metadata={"help": "Block refinement learning rate."})
 
+    filled_fields = PeftBasisConfig.filled_fields + ("groups",)
+
     def replaced_modules(self) -> list[str]:
         """The modules whose dense weight this adapter replaces (what lean loading never reads)."""
         return sorted(m for members in self.groups.values() for m in members)
@@ -96,26 +100,39 @@ class SharedBasisConfig(PeftBasisConfig):
     def __post_init__(self):
         self.peft_type = add_peft_type("SHARED_BASIS")
         super().__post_init__()
-        if not 0 <= self.compression_ratio < 1:
-            raise ValueError(
-                f"compression_ratio is the fraction of parameters removed and must be in [0, 1); got "
-                f"{self.compression_ratio}. (0.2 keeps 80% of the targeted parameters.)"
-            )
-        if self.group_size != "auto" and not (isinstance(self.group_size, int) and self.group_size >= 1):
-            raise ValueError(f"group_size must be a positive int or 'auto', got {self.group_size!r}")
-        if self.rank_allocation not in ("uniform", "global", "loss"):
-            raise ValueError(f"rank_allocation must be 'uniform', 'global' or 'loss', got {self.rank_allocation!r}")
-        if self.inputs not in ("dense", "anchored"):
-            raise ValueError(f"inputs must be 'dense' or 'anchored', got {self.inputs!r}.")
-        if self.anchor != "auto" and not (isinstance(self.anchor, (int, float)) and 0 <= self.anchor <= 1):
-            raise ValueError(f"anchor must be a number in [0, 1] or 'auto', got {self.anchor!r}.")
-        if not self.anchor_candidates or not all(isinstance(a, (int, float)) and 0 <= a <= 1
-                                                 for a in self.anchor_candidates):
-            raise ValueError(f"anchor_candidates must be numbers in [0, 1], got {self.anchor_candidates!r}.")
-        if not 0 <= self.holdout_fraction < 1:
-            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction!r}.")
-        if not (isinstance(self.refine_epochs, int) and self.refine_epochs >= 0) or not self.refine_lr > 0:
-            raise ValueError(f"refine_epochs must be an int >= 0 and refine_lr > 0, got {self.refine_epochs!r}, "
-                             f"{self.refine_lr!r}.")
+        number(self, "compression_ratio", low=0, high=1, low_open=True, high_open=True,
+               meaning="the fraction of parameters removed (of the targeted ones)",
+               hint="0.2 keeps 80%. (0 would remove nothing yet still factorise every weight: to keep the model as it "
+                    "is, do not compress it.)")
+        if self.group_size != "auto":
+            number(self, "group_size", low=1, integer=True,
+                   hint="Pass the layers per shared basis (1 = private bases, 2 = the paper's), or 'auto'.")
+        int_list(self, "auto_group_sizes", low=1, hint="group_size='auto' tries these layers per basis, e.g. [1, 2, 4].")
+        number(self, "auto_selection_tokens", low=0, integer=True,
+               hint="Calibration tokens group_size='auto' scores each grouping on (0: by calibration error only).")
+        choice(self, "rank_allocation", ("uniform", "global", "loss"))
+        choice(self, "inputs", ("dense", "anchored"), hint="'anchored' fits each layer to the dense model's outputs.")
+        if self.anchor != "auto":
+            number(self, "anchor", low=0, high=1, meaning="the anchored fit's target interpolation b",
+                   hint="0 fits the compressed inputs, 1 the dense outputs; or pass 'auto'.")
+        if not (isinstance(self.anchor_candidates, (list, tuple)) and self.anchor_candidates
+                and all(isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1
+                        for a in self.anchor_candidates)):
+            raise ConfigError(f"anchor_candidates must be a non-empty list of numbers in [0, 1], got "
+                              f"{self.anchor_candidates!r}.")
+        number(self, "holdout_fraction", low=0, high=1, high_open=True,
+               hint="the share of calibration batches held apart for choices, e.g. 0.25 (0: none).")
+        number(self, "refine_epochs", low=0, integer=True, hint="block refinement epochs (0: off).")
+        number(self, "refine_lr", low=0, low_open=True, hint="block refinement learning rate, e.g. 1e-4.")
         if isinstance(self.shared_modules, set):
             self.shared_modules = sorted(self.shared_modules)
+        if self.shared_modules is not None and (
+                not isinstance(self.shared_modules, (list, tuple)) or not all(isinstance(m, str) for m in self.shared_modules)):
+            raise ConfigError(f"SharedBasisConfig(shared_modules={self.shared_modules!r}): pass a list of matrix names, "
+                              "e.g. ['q_proj', 'k_proj'], or None for the paper's choice.")
+        if self.shared_modules is not None and self.group_size == "auto":
+            raise ConfigError(
+                f"SharedBasisConfig(shared_modules={self.shared_modules!r}, group_size='auto'): 'auto' decides for every "
+                "matrix type from data whether it shares, so shared_modules would be ignored. Pass an integer "
+                "group_size with shared_modules, or drop shared_modules."
+            )

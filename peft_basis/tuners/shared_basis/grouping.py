@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ...budget import greedy_allocate, max_profitable_rank, rank_for_ratio
+from ...errors import ConfigError
 from ...modules import layer_index, module_type
 from .config import DEFAULT_SHARED_MODULES, SharedBasisConfig
 
@@ -77,6 +78,15 @@ def plan_groups(model_type: str | None, types: dict[str, list[str]], config: Sha
     shared = config.shared_modules
     if shared is None:
         shared = DEFAULT_SHARED_MODULES.get(model_type, [])
+    else:
+        unknown = [s for s in shared if not any(t == s or t.endswith("." + s) for t in types)]
+        if unknown:
+            leaves = sorted({t.split("*.", 1)[-1] for t in types})
+            raise ConfigError(
+                f"SharedBasisConfig(shared_modules={list(shared)!r}): {unknown} name no targeted matrix of this model, "
+                f"so nothing would be shared for them. The targeted matrices are {leaves}; name some of those (the "
+                "last part of the name is enough, e.g. 'q_proj'), or pass shared_modules=[] to share nothing."
+            )
     groups = []
     for type_name, members in types.items():
         is_shared = any(type_name == s or type_name.endswith("." + s) for s in shared)

@@ -17,8 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...budget import greedy_allocate
-from ...calibration.grams import batch_to_kwargs
-from ...distributed import broadcast_object
+from ...calibration.pipelines.whole_model import model_loss
 from ...calibration.fisher import FisherPlan
 from ...calibration.statistics import with_held_apart_grams
 from ...linalg import (
@@ -46,8 +45,9 @@ from .grouping import (
     scored_rank,
     uniform_rank,
 )
-from .layer import SharedBasisLayer
 from .anchored import AnchoredCompressor, held_apart_batches
+from .auto import keep_selection_tokens, selection_batches
+from .layer import SharedBasisLayer, saved_basis_name, saved_coefficient_name
 from .sequential import AdapterSink, SharedBasisLayerCompressor, StatisticsSink
 
 
@@ -58,6 +58,20 @@ class SharedBasisModel(PeftBasisTuner):
     prefix = "sb_"
     tuner_layer_cls = SharedBasisLayer
     uses_shared_state = True
+    method_label = "Basis Sharing"
+
+    @classmethod
+    def is_loading(cls, config) -> bool:
+        return bool(config.groups)
+
+    @classmethod
+    def saved_keys(cls, config) -> set[str]:
+        keys = {saved_basis_name(g) for g in config.groups}
+        return keys | {saved_coefficient_name(m) for members in config.groups.values() for m in members}
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """No upcast: the factors ARE the model's weights now (PEFT would upcast the per-layer coefficients of an
+        fp16/bf16 model to fp32 but not the shared bases, which live on the tuner). They stay in the model's dtype."""
 
     @classmethod
     def layer_compressor(cls, config, output_dir: str, *, statistics=None, inputs: str | None = None, **options):
@@ -110,28 +124,14 @@ class SharedBasisModel(PeftBasisTuner):
                 "fresh copies of the base model; to fine-tune the compressed model, stack a LoRA on the merged model."
             )
 
-    # ---- calibration: what group_size="auto" scores on ---------------------------------------------------
+    # ---- calibration: what group_size="auto" scores on (see .auto) -------------------------------------
     @classmethod
     def extra_calibration(cls, model, config: SharedBasisConfig, stats, dataloader, *, max_batches=None,
                           progress=True):
-        """Called by ``calibrate`` after the Gram pass: for ``group_size="auto"``, keep the first
-        ``auto_selection_tokens`` calibration tokens (ids only, a few KB) so the grouping can be chosen by
-        the model's loss. Under ``torch.distributed`` every rank takes rank 0's, so all choose alike."""
-        if config.group_size != "auto" or config.auto_selection_tokens <= 0:
-            return
-        kept, seen = [], 0
-        for i, batch in enumerate(dataloader):  # the held-apart batches, when calibrate held some apart
-            if (max_batches is not None and i >= max_batches) or seen >= config.auto_selection_tokens:
-                break
-            kw = batch_to_kwargs(batch, "cpu")
-            mask = kw.get("attention_mask")
-            kept.append((kw["input_ids"], mask))
-            seen += int(mask.sum()) if mask is not None else kw["input_ids"].numel()
-        kept = broadcast_object(kept)
-        for i, (ids, mask) in enumerate(kept):
-            stats.extra[f"selection/{i}/input_ids"] = ids
-            if mask is not None:
-                stats.extra[f"selection/{i}/attention_mask"] = mask
+        """Called by ``calibrate`` after the Gram pass: for ``group_size="auto"``, keep the held-apart
+        calibration tokens the grouping is chosen on."""
+        if config.group_size == "auto" and config.auto_selection_tokens > 0:
+            keep_selection_tokens(stats, dataloader, config.auto_selection_tokens, max_batches)
 
     @classmethod
     def held_apart_batches(cls, config, n_batches: int) -> list[int]:
@@ -141,45 +141,14 @@ class SharedBasisModel(PeftBasisTuner):
             return held_apart_batches(n_batches, config.holdout_fraction)
         return []
 
-    @staticmethod
-    def _selection_batches(stats) -> list[dict]:
-        if stats is None:
-            return []
-        batches = []
-        while f"selection/{len(batches)}/input_ids" in stats.extra:
-            i = len(batches)
-            ids = stats.extra[f"selection/{i}/input_ids"].long()
-            mask = stats.extra.get(f"selection/{i}/attention_mask")
-            labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
-            batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
-        return batches
-
     def _model_loss(self, modules: dict, overrides: dict, batches: list[dict]) -> float:
         """Mean token loss of the model on ``batches`` with the modules in ``overrides``
         (name -> (basis, coefficient)) computing through those factors instead of their dense weights."""
-        model = self.model
-        device = next(p.device for p in model.parameters() if p.numel() > 0)
-        patched = []
-        was_training = model.training
-        total, count = 0.0, 0
-        try:
-            for m, (basis, coef) in overrides.items():
-                mod = modules[m]
-                bias = getattr(mod, "bias", None)
-                mod.forward = (lambda x, b=basis, c=coef, bb=bias: factorized_forward(x, b, c, bb))
-                patched.append(mod)
-            model.eval()
-            with torch.no_grad():
-                for b in batches:
-                    kw = {k: v.to(device) for k, v in b.items() if v is not None}
-                    n = int((kw["labels"][:, 1:] != -100).sum())
-                    total += float(model(**kw, use_cache=False).loss) * n
-                    count += n
-        finally:
-            for mod in patched:
-                del mod.forward
-            model.train(was_training)
-        return total / max(count, 1)
+        forwards = {}
+        for m, (basis, coef) in overrides.items():
+            bias = getattr(modules[m], "bias", None)
+            forwards[modules[m]] = lambda x, b=basis, c=coef, bb=bias: factorized_forward(x, b, c, bb)
+        return model_loss(self.model, batches, forwards)
 
     # ---- building the factors --------------------------------------------------------------------
     def _pre_injection_hook(self, model: nn.Module, config: SharedBasisConfig, adapter_name: str) -> None:
@@ -192,6 +161,7 @@ class SharedBasisModel(PeftBasisTuner):
         self._member_group: dict[str, str] = {}
         bases = nn.ParameterDict()
         if config.groups:  # loading: shapes from the config, values from the checkpoint; no SVD
+            self.check_rank_pattern_targets("Basis Sharing", {m: 0 for ms in config.groups.values() for m in ms}, shapes)
             missing = [n for n in names if not any(n in m for m in config.groups.values())]
             if missing:
                 raise ValueError(
@@ -305,8 +275,11 @@ class SharedBasisModel(PeftBasisTuner):
         if config.group_size == "auto":
             if config.rank_allocation == "loss":
                 raise ValueError("rank_allocation='loss' needs private factors: pass group_size=1 (not 'auto').")
+            for type_name, members in types.items():  # every plan's budget, before any work (raises if impossible)
+                for n in sorted({n for n in config.auto_group_sizes if n <= len(members)} | {1}):
+                    rank_bounds(chunk(type_name, members, n, shapes), config)
             groups, ranks = [], []
-            selection = self._selection_batches(stats)
+            selection = selection_batches(stats)
             held_apart = stats is not None and bool(stats.meta.get("held_apart_batches"))
             chosen_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # member -> (basis, coefficient)
             self.auto_selection = {}
