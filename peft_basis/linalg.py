@@ -319,11 +319,19 @@ def anchored_target(weight: torch.Tensor, gram_s: torch.Tensor, cross: torch.Ten
     if anchor == 0:
         return w
     gs = _damped_gram(gram_s, damping, name)
-    L = _input_factor(gs, damping, name)
     wc = w @ cross.detach().to(torch.float64)
+    return (1 - anchor) * w + anchor * _solve_gram(gs, wc.T.contiguous(), damping, name).T  # W C Gs^-1
+
+
+def _solve_gram(gram64: torch.Tensor, rhs: torch.Tensor, damping: float, name: str) -> torch.Tensor:
+    """``G^-1 rhs`` for a damped symmetric Gram: a Cholesky solve, or (where fp32 accumulation left it not
+    positive definite) the robust eigendecomposition's clamped inverse."""
     with decomposition_threads():
-        fitted = torch.cholesky_solve(wc.T.contiguous(), L).T  # W C Gs^-1 (Gs symmetric)
-    return (1 - anchor) * w + anchor * fitted
+        chol, info = torch.linalg.cholesky_ex(gram64)
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs, chol)
+        w = robust_eigh(gram64, damping, name=name)
+        return w.eigenvectors @ ((w.eigenvectors.T @ rhs) / w.eigenvalues[:, None])
 
 
 def anchored_factorize(weights: list[torch.Tensor], grams_s: list[torch.Tensor], crosses: list[torch.Tensor],

@@ -204,3 +204,24 @@ def test_anchored_statistics_save_and_reload_into_the_same_adapter(tmp_path):
     reloaded = get_peft_model(tiny_llama(layers=2), again)
     with torch.no_grad():
         assert torch.equal(direct(IDS).logits, reloaded(IDS).logits)
+
+
+def test_anchored_fit_stays_finite_when_the_gram_is_not_positive_definite():
+    # fewer compressed-input tokens than dimensions, and fp32 rounding: Cholesky of the damped Gs fails
+    x, xs = _inputs(n=10, d=24)
+    gs = (xs.T @ xs).float()
+    gs[0, 0] = -float(gs.diagonal().mean())  # a negative eigenvalue, below the damping floor (trace still > 0)
+    w = torch.randn(16, 24, dtype=torch.float64)
+    cross = (x.T @ xs).float()
+    fitted = anchored_target(w, gs, cross, 0.5)
+    assert torch.isfinite(fitted).all()
+    # W C Gs^-1 through the clamped eigendecomposition (a non-triangular factor given to cholesky_solve is wrong)
+    from peft_basis.linalg import DEFAULT_DAMPING, robust_eigh
+
+    g = gs.double()
+    g = g + DEFAULT_DAMPING * float(g.diagonal().sum()) / g.shape[0] * torch.eye(24, dtype=torch.float64)
+    eig = robust_eigh(g, DEFAULT_DAMPING)
+    inverse = eig.eigenvectors @ torch.diag(1 / eig.eigenvalues) @ eig.eigenvectors.T
+    torch.testing.assert_close(fitted, 0.5 * w + 0.5 * w @ cross.double() @ inverse, rtol=1e-6, atol=1e-8)
+    f = anchored_factorize([w], [gs], [(x.T @ xs).float()], 4, 0.5)
+    assert torch.isfinite(f.basis).all() and torch.isfinite(f.coefficients[0]).all()
