@@ -30,26 +30,35 @@ def _mb(n_bytes: int) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peft-basis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of the targeted parameters REMOVED (default 0.2)")
+    p.add_argument("--inputs", default="anchored", choices=["anchored", "dense"],
+                   help="anchored (default): fit each layer to the dense model's outputs from the compressed model's "
+                        "inputs, layer by layer; dense: whitened SVD on the dense model's inputs (the paper)")
+    p.add_argument("--anchor", type=float, default=0.25, help="with --inputs anchored: the target interpolation b")
+    p.add_argument("--refine-epochs", type=int, default=None,
+                   help="with --inputs anchored: block refinement epochs after each layer is fitted (default 2; 0: off)")
     p.add_argument("--group-size", default=None,
-                   help="layers per shared basis, or 'auto' (default: 'auto', chosen per matrix type by the model's "
-                        "loss; 1 with --sequential)")
-    p.add_argument("--rank-allocation", default="uniform", choices=["uniform", "global"])
+                   help="layers per shared basis, or 'auto' (default 1: private factors; sharing needs --inputs dense)")
+    p.add_argument("--rank-allocation", default="loss", choices=["uniform", "global", "loss"],
+                   help="loss (default): ranks by each direction's estimated loss increase (one backward pass over "
+                        "the calibration data); uniform: every module at the ratio's rank")
     p.add_argument("--calib-domain", default="britannica", help="text domain to calibrate on (peft_basis.data)")
     p.add_argument("--eval-domain", default="britannica", help="text domain to evaluate on (held-apart blocks)")
-    p.add_argument("--calib-blocks", type=int, default=16, help="calibration blocks of --seq-len tokens")
+    p.add_argument("--calib-blocks", type=int, default=32, help="calibration blocks of --seq-len tokens")
     p.add_argument("--eval-blocks", type=int, default=16, help="evaluation blocks of --seq-len tokens")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (quick runs)")
     p.add_argument("--statistics", default=None, help="reuse calibration statistics saved by an earlier run")
     p.add_argument("--output", default="out/shared_basis", help="where the adapter is saved")
+    p.add_argument("--standalone", default=None,
+                   help="also save the compressed model as a standalone checkpoint here (no dense base needed)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--model", default=None, help="a local Hugging Face causal LM folder (default: SmolLM2-135M)")
     p.add_argument("--sequential", action="store_true",
                    help="compress layer by layer from the checkpoint's safetensors shards (peak memory: about one "
                         "decoder layer) and load the result leanly, without reading the replaced dense weights")
     p.add_argument("--compressed-inputs", action="store_true",
-                   help="with --sequential and --group-size 1: calibrate every layer on the outputs of the "
-                        "already-compressed layers before it (better quality, one more forward pass per layer)")
+                   help="with --sequential --inputs dense --group-size 1: calibrate every layer on the outputs of the "
+                        "already-compressed layers before it")
     return p
 
 
@@ -73,18 +82,42 @@ def check_run_args(args) -> None:
 
     _check_model_arg(args.model)
     _check_positive(args, "seq_len", "calib_blocks", "eval_blocks", "layers", "threads")
-    group_size = args.group_size or ("1" if args.sequential else "auto")
+    group_size = args.group_size or "1"
     if group_size != "auto" and not group_size.isdigit():
         raise SystemExit(f"--group-size {group_size}: pass a positive integer (layers per shared basis) or 'auto'.")
+    if args.inputs == "anchored" and group_size != "1":
+        raise SystemExit(f"--group-size {group_size} needs --inputs dense: the anchored fit gives every module private "
+                         "factors (a shared basis would need later layers' statistics).")
+    if args.compressed_inputs and (not args.sequential or args.inputs != "dense"):
+        raise SystemExit("--compressed-inputs needs --sequential --inputs dense.")
+    if args.inputs == "dense" and args.refine_epochs:
+        raise SystemExit("--refine-epochs applies to --inputs anchored.")
+    if args.refine_epochs is not None and args.refine_epochs < 0:
+        raise SystemExit(f"--refine-epochs {args.refine_epochs}: pass 0 (off) or more.")
     try:
-        SharedBasisConfig(compression_ratio=args.ratio, group_size=group_size if group_size == "auto" else int(group_size),
-                          rank_allocation=args.rank_allocation)
+        run_config(args)
     except ValueError as e:
-        raise SystemExit(f"--ratio / --group-size: {e}") from None
+        raise SystemExit(f"--ratio / --group-size / --anchor / --rank-allocation: {e}") from None
     if args.statistics is not None and not os.path.isfile(args.statistics):
         raise SystemExit(f"--statistics {args.statistics}: no such file (a file saved by `peft-basis calibrate`).")
     if os.path.isfile(args.output):
         raise SystemExit(f"--output {args.output} is a file; pass a folder for the adapter.")
+
+
+DEFAULT_REFINE_EPOCHS = 2
+
+
+def run_config(args):
+    """The SharedBasisConfig the main job's arguments describe."""
+    from peft_basis import SharedBasisConfig
+
+    group_size = args.group_size or "1"
+    kw = dict(compression_ratio=args.ratio, group_size=group_size if group_size == "auto" else int(group_size),
+              rank_allocation=args.rank_allocation)
+    if args.inputs == "anchored":
+        kw.update(inputs="anchored", anchor=args.anchor,
+                  refine_epochs=DEFAULT_REFINE_EPOCHS if args.refine_epochs is None else args.refine_epochs)
+    return SharedBasisConfig(**kw)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,21 +296,23 @@ def run(argv: list[str] | None = None) -> dict:
     import peft_basis
     from peft_basis.data import default_model_path, load_model, load_text, token_blocks
     from peft_basis.evaluation import count_parameters, perplexity, size_on_disk, tokens_per_second
+    from peft_basis.io import atomic_write_text
 
     if args.sequential and args.layers is not None:
         raise SystemExit("--sequential compresses the checkpoint as stored; drop --layers (or run without --sequential).")
-    if args.group_size is None:
-        args.group_size = "1" if args.sequential else "auto"
     if args.sequential and args.statistics:
         raise SystemExit("--statistics applies to the whole-model path; --sequential streams its own.")
-    if args.compressed_inputs and not args.sequential:
-        raise SystemExit("--compressed-inputs needs --sequential (layers are compressed one after another).")
     if args.sequential and args.group_size == "auto":
         raise SystemExit("--sequential needs an integer --group-size (auto compares groupings with all Grams in memory).")
+    config = run_config(args)
     model_path = args.model or default_model_path()
     model_name = os.path.basename(os.path.normpath(model_path))
-    print(f"peft-basis {peft_basis.__version__}: Basis Sharing on {model_name}, {args.ratio:.0%} of the "
-          "targeted parameters removed" + (", layer by layer" if args.sequential else ""))
+    how = ("fitted to the dense model layer by layer (anchored, b=%g%s)" % (
+        config.anchor, f", {config.refine_epochs} refinement epochs" if config.refine_epochs else "")
+        if args.inputs == "anchored" else "whitened on the dense model's inputs")
+    print(f"peft-basis {peft_basis.__version__}: Basis Sharing on {model_name}, {args.ratio:.0%} of the targeted "
+          f"parameters removed, {how}, ranks {args.rank_allocation}" + (", from the checkpoint's shards" if args.sequential
+                                                                      else ""))
     model, tok = load_model(model_path, num_hidden_layers=args.layers)
     if args.calib_domain == args.eval_domain:
         blocks = token_blocks(tok, load_text(args.calib_domain), args.seq_len)
@@ -292,20 +327,18 @@ def run(argv: list[str] | None = None) -> dict:
           f"tokens of {args.eval_domain}")
 
     dense_params = count_parameters(model)
-    ppl_before = perplexity(model, held)
+    ppl_before = perplexity(model, held, progress="dense perplexity")
+    print("measuring dense speed (batch 8 x 256) ...", flush=True)
     tps_before = tokens_per_second(model)
     os.makedirs(args.output, exist_ok=True)
     dense_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
-    group_size = args.group_size if args.group_size == "auto" else int(args.group_size)
-    config = peft_basis.SharedBasisConfig(compression_ratio=args.ratio, group_size=group_size,
-                                          rank_allocation=args.rank_allocation)
     batches = [calib[i : i + 4] for i in range(0, calib.shape[0], 4)]
     t0 = time.perf_counter()
     if args.sequential:
         del model  # the point of --sequential: the dense model is never in memory with the factors
-        peft_basis.compress_sequential(model_path, config, batches, args.output,
-                                       inputs="compressed" if args.compressed_inputs else "dense")
+        inputs = args.inputs if not args.compressed_inputs else "compressed"
+        peft_basis.compress_sequential(model_path, config, batches, args.output, inputs=inputs)
         t_calib = None  # calibration and factorisation interleave layer by layer
         peft_model = peft_basis.load_lean(model_path, args.output)
     else:
@@ -315,7 +348,8 @@ def run(argv: list[str] | None = None) -> dict:
     t_total = time.perf_counter() - t0
 
     compressed_params = count_parameters(peft_model)
-    ppl_after = perplexity(peft_model, held)
+    ppl_after = perplexity(peft_model, held, progress="compressed perplexity")
+    print("measuring compressed speed (batch 8 x 256) ...", flush=True)
     tps_after = tokens_per_second(peft_model)
     peft_model.save_pretrained(args.output)
     adapter_bytes = size_on_disk(os.path.join(args.output, "adapter_model.safetensors"))
@@ -327,11 +361,18 @@ def run(argv: list[str] | None = None) -> dict:
         "bytes_in_memory": {"dense": dense_bytes, "compressed": compressed_bytes, "adapter_file": adapter_bytes},
         "tokens_per_second_8x256": {"dense": tps_before, "compressed": tps_after},
         "seconds": {"calibrate": t_calib, "calibrate_and_compress": t_total},
-        "config": {"compression_ratio": args.ratio, "group_size": group_size, "rank_allocation": args.rank_allocation,
-                   "model": model_path, "sequential": args.sequential},
+        "config": {"compression_ratio": args.ratio, "group_size": config.group_size, "inputs": config.inputs,
+                   "anchor": config.anchor, "refine_epochs": config.refine_epochs,
+                   "rank_allocation": args.rank_allocation, "model": model_path, "sequential": args.sequential,
+                   "calibration_tokens": int(calib.numel())},
     }
-    with open(os.path.join(args.output, "peft_basis_result.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    if args.standalone:
+        from peft_basis.standalone import save_compressed
+
+        save_compressed(peft_model, args.standalone, tokenizer=tok)
+        result["bytes_on_disk"] = {"dense_checkpoint": size_on_disk(model_path) if os.path.isdir(model_path) else None,
+                                   "standalone": size_on_disk(args.standalone)}
+    atomic_write_text(os.path.join(args.output, "peft_basis_result.json"), json.dumps(result, indent=2))
     rows = [
         ("perplexity (held-apart)", f"{ppl_before:.2f}", f"{ppl_after:.2f}"),
         ("parameters", f"{dense_params:,}", f"{compressed_params:,} ({compressed_params / dense_params:.1%})"),
@@ -342,6 +383,9 @@ def run(argv: list[str] | None = None) -> dict:
     for name, a, b in rows:
         print(f"{name:28}{a:>16}{b:>26}")
     print(f"\ncalibrate + compress: {t_total:.1f} s" + ("" if args.sequential else f" (calibration {t_calib:.1f} s)"))
+    if args.standalone:
+        print(f"standalone compressed checkpoint: {args.standalone}/ ({_mb(result['bytes_on_disk']['standalone'])}; "
+              "load with peft_basis.CompressedModel.from_pretrained, no dense base needed)")
     print(f"adapter saved to {args.output}/ ({_mb(adapter_bytes)}); reload with:\n"
           f"  import peft_basis; from peft import PeftModel\n  PeftModel.from_pretrained(base_model, {args.output!r})")
     return result

@@ -11,8 +11,11 @@ from torch import nn
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
-    """Token-level perplexity over ``blocks`` (``n x seq_len`` ids), every block scored whole."""
+def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4, progress: bool | str = False) -> float:
+    """Token-level perplexity over ``blocks`` (``n x seq_len`` ids), every block scored whole. ``progress``: a
+    progress bar (its description, if a string)."""
+    from tqdm.auto import tqdm
+
     from .validation import check_token_batch
 
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -21,7 +24,9 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> f
     model.eval()
     nll, count = 0.0, 0
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
-    for i in range(0, blocks.shape[0], batch_size):
+    starts = range(0, blocks.shape[0], batch_size)
+    desc = progress if isinstance(progress, str) else "perplexity"
+    for i in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
         ids = blocks[i : i + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         target = ids[:, 1:]

@@ -54,8 +54,16 @@ def test_real_two_layer_smollm2_compresses_reloads_and_whitening_pays(tmp_path):
     assert base.lm_head.weight is base.model.embed_tokens.weight
 
 
-@pytest.mark.parametrize("sequential", [False, True], ids=["whole-model", "sequential"])
-def test_command_compresses_a_model_folder(tmp_path, sequential):
+MAIN_JOB_ARGS = {
+    "anchored": ["--refine-epochs", "1"],  # the default pipeline (anchored fit, loss-aware ranks), one epoch
+    "anchored-sequential": ["--refine-epochs", "1", "--sequential"],
+    "compressed-inputs-sequential": ["--sequential", "--inputs", "dense", "--rank-allocation", "uniform",
+                                     "--compressed-inputs"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(MAIN_JOB_ARGS))
+def test_command_compresses_a_model_folder(tmp_path, case):
     """The `peft-basis` command on a 2-layer cut of the real model saved as a folder (what `--model`
     accepts): the adapter it writes holds at most 80% of the targeted parameters and reloads."""
     import json
@@ -69,9 +77,10 @@ def test_command_compresses_a_model_folder(tmp_path, sequential):
     out = tmp_path / "out"
     args = ["--model", str(tmp_path / "model"), "--calib-blocks", "8", "--eval-blocks", "2", "--seq-len", "128",
             "--output", str(out), "--eval-domain", "pydoc", "--calib-domain", "pydoc"]
-    # the default grouping ("auto") is covered by tests/test_shared_basis.py; a fixed one keeps this fast
-    result = run(args + (["--sequential", "--compressed-inputs"] if sequential else ["--group-size", "2"]))
-    assert json.loads((out / "peft_basis_result.json").read_text())["config"]["sequential"] is sequential
+    sequential = "--sequential" in MAIN_JOB_ARGS[case]
+    result = run(args + MAIN_JOB_ARGS[case])
+    written = json.loads((out / "peft_basis_result.json").read_text())["config"]
+    assert written["sequential"] is sequential and written["inputs"] == ("dense" if "dense" in MAIN_JOB_ARGS[case] else "anchored")
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "SHARED_BASIS"
     dense_targeted = 2 * (576 * 576 * 2 + 576 * 192 * 2 + 576 * 1536 * 3)  # q,o + k,v + gate,up,down per layer
