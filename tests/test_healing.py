@@ -141,7 +141,9 @@ def test_factors_mode_trains_only_the_factors_and_reloads_identically(world, tmp
     factors = set(factor_parameters(student))
     assert factors and all(".sb_bases." in n or ".sb_coefficient." in n for n in factors)
     result = heal(student, teacher, world["heal"], max_tokens=64 * 8 * 2, batch_size=8, lr=1e-3,
-                  output_dir=str(tmp_path / "healed"), **QUIET)
+                  output_dir=str(tmp_path / "healed"), eval_blocks={"pydoc": world["held"]}, eval_at_tokens=[512],
+                  evaluate_first=False, **QUIET)
+    assert [h["tokens"] for h in result.history] == [512, 1024] and "pydoc" in result.history[0]["perplexity"]
     after = _state(result.model)
     assert {n for n in before if not torch.equal(before[n], after[n])} == factors
     assert all(torch.equal(teacher_before[n], p) and p.grad is None for n, p in teacher.named_parameters())

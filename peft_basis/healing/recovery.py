@@ -7,7 +7,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -102,6 +102,7 @@ class HealingResult:
 
     model: nn.Module
     train: str
+    lr: float = 0.0
     tokens: int = 0
     steps: int = 0
     seconds: float = 0.0
@@ -124,11 +125,13 @@ class HealingResult:
 
 
 class _Checkpoints(TrainerCallback):
-    """Perplexity on the evaluation blocks every ``every`` tokens; the time it takes is not training time."""
+    """Perplexity on the evaluation blocks every ``every`` tokens and at each of ``marks``; the time it takes is
+    not training time."""
 
-    def __init__(self, trainer, model, eval_sets, every, result):
+    def __init__(self, trainer, model, eval_sets, every, marks, result):
         self.trainer, self.model, self.sets, self.every, self.result = trainer, model, eval_sets, every, result
         self.next = every
+        self.marks = sorted(m for m in set(marks or ()) if m > 0)
         self.paused = 0.0
         self.t0 = time.perf_counter()
 
@@ -143,25 +146,33 @@ class _Checkpoints(TrainerCallback):
         print(f"[heal] {entry['tokens']:,} tokens, {entry['seconds']:.0f} s: {shown}", flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.every and not self.trainer.diverged and self.trainer.tokens_seen >= self.next:
-            self.evaluate()
-            while self.next <= self.trainer.tokens_seen:
+        tokens = self.trainer.tokens_seen
+        due = bool(self.every) and tokens >= self.next
+        while self.marks and tokens >= self.marks[0]:
+            self.marks.pop(0)
+            due = True
+        if self.every:
+            while self.next <= tokens:
                 self.next += self.every
+        if due and not self.trainer.diverged:
+            self.evaluate()
 
 
 def heal(peft_model: nn.Module, teacher: nn.Module, train_blocks, *, max_tokens: int, train: str = "factors",
          lora_r: int = 8, lora_alpha: int = 32, lora_target_modules=None, lr: Optional[float] = None,
          batch_size: int = 4, temperature: float = 1.0, alpha: float = 0.0,
          eval_blocks: Union[torch.Tensor, dict, None] = None, eval_every_tokens: Optional[int] = None,
-         output_dir: Optional[str] = None, seed: int = 0, chunk_tokens: int = 512, **trainer_kwargs) -> HealingResult:
+         eval_at_tokens: Sequence[int] = (), evaluate_first: bool = True, output_dir: Optional[str] = None,
+         seed: int = 0, chunk_tokens: int = 512, **trainer_kwargs) -> HealingResult:
     """Distil ``teacher`` (the dense model) into the compressed ``peft_model`` on ``max_tokens`` tokens of
     ``train_blocks`` (repeated if shorter). Returns a :class:`HealingResult`.
 
     ``train="factors"``: the compressed model's factors train (:func:`factor_parameters`), all else frozen;
     ``lr`` defaults to 5e-5. ``train="lora"``: a LoRA (``lora_r``, ``lora_alpha``) on every compressed module
     (:func:`stack_lora`), only the LoRA trains; ``lr`` defaults to 1e-4 (the Basis Sharing paper's recovery).
-    ``eval_blocks`` (a tensor or a dict name -> tensor): perplexity before, every ``eval_every_tokens`` and
-    after, and the guarantee that the healing text holds none of it (:func:`check_held_apart`).
+    ``eval_blocks`` (a tensor or a dict name -> tensor): perplexity before (unless ``evaluate_first=False``),
+    every ``eval_every_tokens``, at each of ``eval_at_tokens`` (the first step reaching it) and after; and the
+    guarantee that the healing text holds none of it (:func:`check_held_apart`).
     ``output_dir``: the healed artifact is saved there (:meth:`HealingResult.save_pretrained`).
     ``trainer_kwargs``: ``TrainingArguments`` fields (they override the defaults) or ``Trainer`` arguments
     (``callbacks=...``). A non-finite loss stops training, restores the pre-healing weights and warns.
@@ -203,22 +214,25 @@ def heal(peft_model: nn.Module, teacher: nn.Module, train_blocks, *, max_tokens:
         scratch = tempfile.TemporaryDirectory(prefix="peft_basis_heal_")
     defaults = dict(output_dir=scratch.name if scratch else os.path.join(output_dir, "checkpoints"),
                     per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=lr,
-                    lr_scheduler_type="cosine", warmup_steps=min(0.05, 20 / steps) if steps > 1 else 0,
+                    lr_scheduler_type="cosine", warmup_steps=steps // 20,  # none below 20 steps: its first runs at lr 0
                     weight_decay=0.0, logging_steps=max(1, min(10, steps // 20)), report_to="none",
                     save_strategy="no", seed=seed, data_seed=seed, remove_unused_columns=False,
-                    dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(), label_names=[])
+                    dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(), label_names=[],
+                    use_cpu=not torch.cuda.is_available())
     defaults.update({k: v for k, v in trainer_kwargs.items() if k in arg_names})
     extra = {k: v for k, v in trainer_kwargs.items() if k not in arg_names}
-    result = HealingResult(model=student, train=train)
+    result = HealingResult(model=student, train=train, lr=lr)
     was_training = student.training
     trainer = DistillationTrainer(model=student, teacher=teacher, args=TrainingArguments(**defaults),
                                   train_dataset=examples, data_collator=_collate, temperature=temperature,
                                   alpha=alpha, chunk_tokens=chunk_tokens, **extra)
     checkpoints = None
     if eval_sets is not None:
-        checkpoints = _Checkpoints(trainer, student, eval_sets, eval_every_tokens, result)
+        checkpoints = _Checkpoints(trainer, student, eval_sets, eval_every_tokens, eval_at_tokens, result)
         trainer.add_callback(checkpoints)
-        checkpoints.evaluate()
+        if evaluate_first:
+            checkpoints.evaluate()
+        checkpoints.t0, checkpoints.paused = time.perf_counter(), 0.0
     print(f"[heal] {train}: {sum(p.numel() for p in trained.values()):,} trainable parameters, {steps} steps of "
           f"{per_step:,} tokens, lr {lr:g}", flush=True)
     t0 = time.perf_counter()
