@@ -1,7 +1,7 @@
 """Healing (peft_basis.healing) on the real SmolLM2-135M: perplexity against tokens spent distilling the dense
 model into its Basis Sharing compression, for the factors themselves and for a LoRA on top.
 
-    python benchmarks/healing.py                                   # 20% and 40%, factors and LoRA
+    python benchmarks/healing.py                                   # 20% and 40%, factors and LoRA, 8,192 tokens
     python benchmarks/healing.py --ratios 0.2 --train lora --max-tokens 500000 --checkpoints 100000,250000
     python benchmarks/healing.py --compressed 'out/sb{ratio}'      # start from saved adapters (one per ratio)
     python benchmarks/healing.py --compressed mypkg.pipeline:compress
@@ -145,14 +145,14 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ratios", default="0.2,0.4", help="compression ratios (fraction removed), comma-separated")
     p.add_argument("--train", default="factors,lora", help="factors, lora, or both (comma-separated)")
-    p.add_argument("--max-tokens", type=int, default=12288, help="healing tokens per run")
-    p.add_argument("--checkpoints", default="", help="token counts to evaluate at, besides 0 and the end")
+    p.add_argument("--max-tokens", type=int, default=8192, help="healing tokens per run")
+    p.add_argument("--checkpoints", default="4096", help="token counts to evaluate at, besides 0 and the end")
     p.add_argument("--compressed", default="calibrate",
                    help="'calibrate' (default), an adapter folder per ratio ('out/sb{ratio}'), or module:function "
                         "(model, ratio, calib_blocks) -> PeftModel")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr-factors", type=float, default=None, help="default: heal()'s")
-    p.add_argument("--lr-lora", type=float, default=None, help="default: heal()'s")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--lr-factors", type=float, default=1e-4, help="heal()'s default: 5e-5")
+    p.add_argument("--lr-lora", type=float, default=1e-3, help="heal()'s default (the paper's): 1e-4")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the training steps (evaluation stays fp32)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=os.path.join("out", "healing_bench"), help="calibration statistics cache")
