@@ -333,7 +333,8 @@ def run(argv: list[str] | None = None) -> dict:
     if healing:
         print(f"healing: {healing['tokens']:,} tokens in {healing['seconds']:.1f} s "
               f"({healing['tokens_per_second']:,.0f} tokens/s); perplexity {healing['perplexity_before']:.2f} before, "
-              f"{healing['perplexity_after']:.2f} after" + (" (diverged: factors restored)" if healing["diverged"] else ""))
+              f"{healing['perplexity_after']:.2f} after"
+              + (" (diverged: factors restored)" if healing["diverged"] else ""))
     print(f"adapter saved to {args.output}/ ({_mb(adapter_bytes)}); reload with:\n"
           f"  import peft_basis; from peft import PeftModel\n  PeftModel.from_pretrained(base_model, {args.output!r})")
     return result

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+
 # ---- the loss ----------------------------------------------------------------------------------------
 class _ChunkedDistillation(torch.autograd.Function):
     """Loss of student hidden states ``h_s`` (``n x d``) against teacher hidden states ``h_t`` through their
@@ -70,12 +71,12 @@ def _head_route(model: nn.Module):
     on 8 tokens once; cached on the model); ``None`` otherwise (soft-capped or scaled logits, a wrapped head):
     then the full logits are used."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cached = getattr(base, "_peft_basis_head_route", False)
-    if cached is not False:
-        return cached
-    route = None
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    cached = getattr(base, "_peft_basis_head_route", False)
+    if cached is not False and cached[0] is decoder and cached[1] is head:  # the same modules as when checked
+        return cached[2]
+    route = None
     if type(head) is nn.Linear and decoder is not None and decoder is not base:
         device = head.weight.device
         ids = torch.arange(8, device=device)[None] % max(1, head.out_features)
@@ -91,7 +92,7 @@ def _head_route(model: nn.Module):
             route = None
         finally:
             base.train(was_training)
-    object.__setattr__(base, "_peft_basis_head_route", route)
+    object.__setattr__(base, "_peft_basis_head_route", (decoder, head, route))  # a plain attribute, no submodule
     return route
 
 
