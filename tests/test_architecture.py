@@ -15,8 +15,8 @@ LAYERS = [
     ["linalg", "io"],
     ["calibration"],
     ["tuners"],
-    ["compression", "lean", "hub", "task_vectors", "standalone", "harness", "persistence"],
-    ["cli", "__init__"],
+    ["compression", "lean", "hub", "task_vectors", "standalone", "harness", "persistence", "healing"],
+    ["cli", "subcommands", "__init__"],
 ]
 MAX_LINES = 420
 
