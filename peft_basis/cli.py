@@ -4,6 +4,7 @@
     peft-basis --ratio 0.3 --group-size 2 --output out/sb30
     peft-basis --sequential --compressed-inputs      # one decoder layer in memory at a time (large models)
     peft-basis --model path/to/hf-model --eval-domain pydoc
+    peft-basis --heal-tokens 100000                  # then heal the factors by distillation from the dense model
 
     peft-basis calibrate --method basis --rank-allocation fisher --sequential --output stats.safetensors
         # statistics for BASIS / Basel / Basis Sharing, saved for `peft_basis.use_statistics(config, path)`
@@ -50,7 +51,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compressed-inputs", action="store_true",
                    help="with --sequential and --group-size 1: calibrate every layer on the outputs of the "
                         "already-compressed layers before it (better quality, one more forward pass per layer)")
+    p.add_argument("--heal-tokens", type=int, default=0,
+                   help="after compression, heal the factors by distillation from the dense model on this many tokens "
+                        "of --calib-domain text held apart from the evaluation blocks (peft_basis.healing)")
     return p
+
+
+def _heal(args, peft_model, model_path: str, tok, held) -> dict:
+    """Heal on the blocks after the calibration ones and (same domain) before the evaluation ones."""
+    from peft_basis.data import load_model, load_text, token_blocks
+    from peft_basis.healing import heal
+
+    blocks = token_blocks(tok, load_text(args.calib_domain), args.seq_len, offset=args.calib_blocks)
+    if args.calib_domain == args.eval_domain:
+        blocks = blocks[: max(0, blocks.shape[0] - args.eval_blocks)]
+    if blocks.shape[0] == 0:
+        raise SystemExit(f"{args.calib_domain} holds no blocks between the calibration and the evaluation blocks.")
+    blocks = blocks[: -(-args.heal_tokens // args.seq_len)]
+    print(f"healing: {args.heal_tokens:,} tokens on {blocks.numel():,} held-apart tokens of {args.calib_domain}")
+    teacher, _ = load_model(model_path, num_hidden_layers=args.layers)
+    try:
+        r = heal(peft_model, teacher, blocks, max_tokens=args.heal_tokens, eval_blocks=held)
+    except ValueError as e:
+        raise SystemExit(f"--heal-tokens: {e}") from None
+    return {"tokens": r.tokens, "seconds": r.seconds, "tokens_per_second": r.tokens_per_second,
+            "diverged": r.diverged, "perplexity_before": r.history[0]["perplexity"],
+            "perplexity_after": r.history[-1]["perplexity"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,6 +299,7 @@ def run(argv: list[str] | None = None) -> dict:
         t_calib = time.perf_counter() - t0
         peft_model = get_peft_model(model, config)
     t_total = time.perf_counter() - t0
+    healing = _heal(args, peft_model, model_path, tok, held) if args.heal_tokens else None
 
     compressed_params = count_parameters(peft_model)
     ppl_after = perplexity(peft_model, held)
@@ -289,6 +316,7 @@ def run(argv: list[str] | None = None) -> dict:
         "seconds": {"calibrate": t_calib, "calibrate_and_compress": t_total},
         "config": {"compression_ratio": args.ratio, "group_size": group_size, "rank_allocation": args.rank_allocation,
                    "model": model_path, "sequential": args.sequential},
+        "healing": healing,
     }
     with open(os.path.join(args.output, "peft_basis_result.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -302,6 +330,10 @@ def run(argv: list[str] | None = None) -> dict:
     for name, a, b in rows:
         print(f"{name:28}{a:>16}{b:>26}")
     print(f"\ncalibrate + compress: {t_total:.1f} s" + ("" if args.sequential else f" (calibration {t_calib:.1f} s)"))
+    if healing:
+        print(f"healing: {healing['tokens']:,} tokens in {healing['seconds']:.1f} s "
+              f"({healing['tokens_per_second']:,.0f} tokens/s); perplexity {healing['perplexity_before']:.2f} before, "
+              f"{healing['perplexity_after']:.2f} after" + (" (diverged: factors restored)" if healing["diverged"] else ""))
     print(f"adapter saved to {args.output}/ ({_mb(adapter_bytes)}); reload with:\n"
           f"  import peft_basis; from peft import PeftModel\n  PeftModel.from_pretrained(base_model, {args.output!r})")
     return result

@@ -14,7 +14,7 @@ LAYERS = [
     ["linalg", "io"],
     ["calibration"],
     ["tuners"],
-    ["compression", "lean", "hub", "task_vectors", "standalone", "harness"],
+    ["compression", "lean", "hub", "task_vectors", "standalone", "harness", "healing"],
     ["cli", "__init__"],
 ]
 MAX_LINES = 420
