@@ -123,6 +123,20 @@ def test_schedule_reaches_keep_ratio_exactly_whatever_the_number_of_steps(total)
     assert tuner.history[-1]["step"] == BaselSchedule.from_config(config, total).end
 
 
+def test_uniform_allocation_gives_every_module_its_share():
+    model = tiny_llama(layers=2)
+    pm, config = _basel(model, keep_ratio=0.4, pruning_steps=5, rank_allocation="uniform")
+    tuner = pm.base_model
+    _train(pm, 6)
+    dense = tuner.dense_parameters()
+    assert tuner.kept_parameters() <= 0.4 * dense and 0.4 * dense - tuner.kept_parameters() < _max_rank_step(tuner)
+    for m in tuner.basel_layers().values():
+        cost, share = m.in_features + m.out_features, 0.4 * m.in_features * m.out_features
+        assert share - cost < m.rank("default") * cost <= share + cost
+    with pytest.raises(ValueError, match="rank_allocation must be one of"):
+        BaselConfig(rank_allocation="loss")
+
+
 def test_schedule_events_are_spread_between_warmup_and_end():
     config = BaselConfig(warmup_ratio=0.1, prune_end_ratio=0.7, pruning_steps=5)
     s = BaselSchedule.from_config(config, 100)
@@ -347,13 +361,14 @@ def test_anchored_init_starts_exactly_at_the_anchored_model():
     assert config.initial_fraction == pytest.approx(sb.base_model.stored_parameters() / tuner.dense_parameters())
     assert {n.rsplit(".", 2)[-2] for n, p in pm.named_parameters() if p.requires_grad} == {
         "basel_w", "basel_A_add", "basel_B_add"}
-    # w^2 is each basis' output share in the anchored model: B orthonormal, A orthonormal in its inputs' Gram
+    # w^2 is each basis' output share in the anchored model: B orthonormal, A orthonormal in the covariance of the
+    # module's inputs there
     stats = config.calibration_statistics
     name, layer = next(iter(tuner.basel_layers().items()))
     A, B = layer.basel_A["default"].double(), layer.basel_B["default"].double()
     eye = torch.eye(A.shape[0], dtype=torch.float64)
     assert torch.allclose(B.T @ B, eye, atol=1e-5)
-    gram = stats.gram(name).double()
+    gram = stats.covariance(name).double()
     white = A @ (gram + 1e-6 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)) @ A.T
     assert torch.allclose(white, eye, atol=1e-3)
     w2 = layer.basel_w["default"].double() ** 2

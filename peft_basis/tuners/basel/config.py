@@ -7,6 +7,7 @@ from ..._peft_type import add_peft_type
 from ..base import PeftBasisConfig
 
 PHASES = ("train", "factorized")
+RANK_ALLOCATIONS = ("global", "uniform")
 INITS = ("auto", "svd", "whitened", "anchored")
 # What BaselConfig.anchored_fit may set: the options of the anchored fit (SharedBasisConfig's fields of the same names)
 ANCHORED_FIT_OPTIONS = ("anchor", "anchor_candidates", "holdout_fraction", "refine_epochs", "refine_lr")
@@ -58,6 +59,10 @@ class BaselConfig(PeftBasisConfig):
         svd_threshold: directions with singular value below ``svd_threshold * mean`` are dropped at
             export (consolidation, on ``W_eff``'s own spectrum) and, with the plain-SVD init, at initialisation
             (the paper's rule, 1e-3). The whitened init keeps every direction so the model starts exact.
+        rank_allocation: how each pruning event spends its budget across modules: ``"global"`` (the bases with the
+            highest relative relearned energy per parameter, wherever they are) or ``"uniform"`` (every module keeps
+            the same fraction of its dense parameters, by its own energies; the leftover buys at most one rank more
+            per module).
         min_rank: no module is pruned below this rank.
         keep_dense_weight: keep the dense weights in memory (for ``disable_adapter()``); off by default.
         rank_pattern / phase / initial_fraction: filled by the tuner (current ranks, ``"train"`` or
@@ -78,6 +83,7 @@ class BaselConfig(PeftBasisConfig):
     )
     anchored_fit: dict = field(default_factory=dict, metadata={"help": "init='anchored': options of the anchored fit."})
     svd_threshold: float = field(default=1e-3, metadata={"help": "Drop singular values below this * mean."})
+    rank_allocation: str = field(default="global", metadata={"help": "'global' or 'uniform' pruning budget."})
     min_rank: int = field(default=1, metadata={"help": "Lowest rank any module is pruned to."})
     keep_dense_weight: bool = field(default=False, metadata={"help": "Keep dense weights (for disable_adapter)."})
     phase: str = field(default="train", metadata={"help": "Filled: 'train' or 'factorized'."})
@@ -128,6 +134,8 @@ class BaselConfig(PeftBasisConfig):
         if (self.initial_keep is not None or self.anchored_fit) and self.init not in ("anchored", "auto"):
             raise ValueError(f"initial_keep and anchored_fit configure init='anchored'; this config has "
                              f"init={self.init!r}. Pass init='anchored', or drop them.")
+        if self.rank_allocation not in RANK_ALLOCATIONS:
+            raise ValueError(f"rank_allocation must be one of {RANK_ALLOCATIONS}, got {self.rank_allocation!r}")
         if self.phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
         if not (isinstance(self.min_rank, int) and self.min_rank >= 1):

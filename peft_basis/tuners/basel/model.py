@@ -3,6 +3,7 @@ to a factorised model, and the 8-bit path for the factors."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional
 
@@ -92,7 +93,10 @@ class BaselModel(PeftBasisTuner):
             )
         if config.init == "auto" and stats is None:
             warn_no_calibration("BaselConfig")
-        whitener = WhitenerCache(stats, config.damping) if whitened else None
+        # covariance scale (X^T X / N): w^2 are then the singular values W has on unit-variance inputs, O(1) as in the
+        # paper's plain SVD, so Adam's steps (about lr each) relearn them; on the Gram's scale they are sqrt(N) larger
+        # and barely move in a few hundred steps. Exactness and the pruning order do not depend on the scale.
+        whitener = WhitenerCache(stats, config.damping, covariance=True) if whitened else None
 
         def bases(n: str):
             u, s, vh = whitened_svd(linear_weight(modules[n]), whitener(n) if whitened else None)
@@ -134,7 +138,7 @@ class BaselModel(PeftBasisTuner):
                 "model there. Raise keep_ratio, or exclude them from target_modules before calibrating.",
                 stacklevel=3,
             )
-        whitener = WhitenerCache(stats, config.damping)
+        whitener = WhitenerCache(stats, config.damping, covariance=True)  # the scale: as for init="whitened"
 
         def bases(n: str):
             coefficient = stats.extra[f"factors/coefficient/{n}"]
@@ -242,7 +246,9 @@ class BaselModel(PeftBasisTuner):
     def prune_to(self, budget: int, optimizer=None, adapter_name: str = "default", step: Optional[int] = None) -> None:
         """Keep the bases with the highest relative relearned energy per parameter, ``(w_i^2)^2 / sum_j (w_j^2)^2``
         (the squared error removing basis ``i`` costs, relative to the module's total), within ``budget``
-        stored parameters; ranks only go down."""
+        stored parameters; ranks only go down. ``rank_allocation="uniform"``: every module first keeps its own
+        share of the budget (the same fraction of its dense parameters), the leftover buys at most one more
+        rank where that energy is highest."""
         config = self.peft_config[adapter_name]
         layers = [(n, m) for n, m in self.basel_layers(adapter_name).items() if m.phase(adapter_name) == "train"]
         orders, scores, costs, r_max = [], [], [], []
@@ -254,6 +260,11 @@ class BaselModel(PeftBasisTuner):
             costs.append(m.in_features + m.out_features)
             r_max.append(m.rank(adapter_name))
         r_min = [min(config.min_rank, r) for r in r_max]
+        if config.rank_allocation == "uniform":
+            fraction = budget / max(sum(m.in_features * m.out_features for _, m in layers), 1)
+            r_min = [min(r, max(lo, math.floor(fraction * m.in_features * m.out_features / c)))
+                     for (_, m), r, lo, c in zip(layers, r_max, r_min, costs)]
+            r_max = [min(r, lo + 1) for r, lo in zip(r_max, r_min)]
         try:
             ranks = greedy_allocate(scores, costs, budget, r_min=r_min, r_max=r_max)
         except ValueError as e:
