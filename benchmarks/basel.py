@@ -58,10 +58,10 @@ def parse():
     p.add_argument("--train-blocks", type=int, default=48)
     p.add_argument("--val-blocks", type=int, default=16)
     p.add_argument("--eval-blocks", type=int, default=32)
-    p.add_argument("--factor-lrs", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4])
-    p.add_argument("--basel-lrs", type=float, nargs="+", default=[1e-3, 3e-3])
+    p.add_argument("--factor-lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
+    p.add_argument("--basel-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--initial-keep", type=float, default=None,
-                   help="basel_anchored's initial_keep (default: BaselConfig's, min(1, 2 x keep))")
+                   help="basel_anchored's initial_keep (default: BaselConfig's, min(1, 1.5 x keep))")
     p.add_argument("--extra-rank", type=int, default=32)
     p.add_argument("--rank-allocation", default="global", choices=["global", "uniform"], help="Basel's pruning")
     p.add_argument("--threads", type=int, default=1)

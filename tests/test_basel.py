@@ -375,9 +375,9 @@ def test_anchored_init_starts_exactly_at_the_anchored_model():
     assert torch.all(w2[:-1] >= w2[1:])
 
 
-def test_anchored_init_default_starts_at_twice_the_keep_ratio():
-    pm, config = _anchored_basel(tiny_llama(layers=2), keep_ratio=0.3)
-    assert config.starting_keep() == 0.6
+def test_anchored_init_default_starts_at_one_and_a_half_times_the_keep_ratio():
+    pm, config = _anchored_basel(tiny_llama(layers=2), keep_ratio=0.4)
+    assert config.starting_keep() == pytest.approx(0.6)
     assert 0.55 < config.initial_fraction <= 0.6
     assert BaselConfig(keep_ratio=0.7, init="anchored").starting_keep() == 1.0
 

@@ -52,7 +52,7 @@ class BaselConfig(PeftBasisConfig):
             the attached statistics hold anchored factors, whitened when they hold Grams, plain SVD otherwise.
         initial_keep: with ``init="anchored"``, the stored fraction the anchored fit starts at (its ranks are those
             of ``compression_ratio = 1 - initial_keep``), in ``[keep_ratio, 1]``; the schedule prunes from there to
-            ``keep_ratio``. ``None``: ``min(1, 2 * keep_ratio)``.
+            ``keep_ratio``. ``None``: ``min(1, 1.5 * keep_ratio)``.
         anchored_fit: with ``init="anchored"``, options of the anchored fit passed to its ``SharedBasisConfig``
             (``anchor``, ``anchor_candidates``, ``holdout_fraction``, ``refine_epochs``, ``refine_lr``); the
             defaults are Basis Sharing's.
@@ -79,7 +79,7 @@ class BaselConfig(PeftBasisConfig):
     pruning_steps: int = field(default=50, metadata={"help": "Number of pruning events."})
     init: str = field(default="auto", metadata={"help": "'auto', 'svd', 'whitened' or 'anchored'."})
     initial_keep: Optional[float] = field(
-        default=None, metadata={"help": "init='anchored': stored fraction the anchored fit starts at (None: 2x keep)."}
+        default=None, metadata={"help": "init='anchored': stored fraction the anchored fit starts at (None: 1.5x keep)."}
     )
     anchored_fit: dict = field(default_factory=dict, metadata={"help": "init='anchored': options of the anchored fit."})
     svd_threshold: float = field(default=1e-3, metadata={"help": "Drop singular values below this * mean."})
@@ -90,8 +90,8 @@ class BaselConfig(PeftBasisConfig):
     initial_fraction: Optional[float] = field(default=None, metadata={"help": "Filled: stored fraction at creation."})
 
     def starting_keep(self) -> float:
-        """The stored fraction ``init="anchored"`` starts at: ``initial_keep``, or ``min(1, 2 * keep_ratio)``."""
-        return self.initial_keep if self.initial_keep is not None else min(1.0, 2 * self.keep_ratio)
+        """The stored fraction ``init="anchored"`` starts at: ``initial_keep``, or ``min(1, 1.5 * keep_ratio)``."""
+        return self.initial_keep if self.initial_keep is not None else min(1.0, 1.5 * self.keep_ratio)
 
     def replaced_modules(self) -> list[str]:
         """The modules whose dense weight this adapter replaces (what lean loading never reads): every target
