@@ -176,6 +176,9 @@ def test_saved_adapter_holds_only_final_factors_and_reloads_identically(arch, tm
     _train(pm, 6)
     tuner = pm.base_model
     ranks = tuner.ranks()
+    for m in tuner.basel_layers().values():  # each direction's norm split evenly: one lr trains both (part 2)
+        A, B = m.basel_A["default"], m.basel_B["default"]
+        assert torch.allclose(A.norm(dim=1), B.norm(dim=0), rtol=1e-4)
     pm.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["phase"] == "factorized" and saved["rank_pattern"] == ranks
