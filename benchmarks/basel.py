@@ -1,57 +1,71 @@
-"""Basel against plain truncated SVD and Basis Sharing (group 1 and 2) at the same size, on one target task.
+"""Basel against per-layer whitened SVD and the anchored fit, every method trained by the same distillation from
+the dense model, at equal stored parameters, on one target domain (issue 13, item 5).
 
-Real SmolLM2-135M, one text domain as the task: its first blocks are the training (and calibration)
-text, its last blocks the held-apart evaluation text, the same tokens for every method. For every keep
-ratio (fraction of the targeted dense parameters the factors hold):
+Real SmolLM2-135M. The task text is one domain (Hamlet by default): its first ``--train-blocks`` blocks are the
+calibration and training text, the next ``--val-blocks`` choose each method's learning rate, its last
+``--eval-blocks`` are the held-apart evaluation text; a second domain (Britannica) is held apart too, to see what
+the task training costs elsewhere. For every keep ratio (fraction of the targeted dense parameters stored):
 
-- basel: BaselConfig(keep_ratio) calibrated on the training text, trained ``--steps`` steps while the
-  schedule prunes to the keep ratio, then consolidated;
-- svd:   plain truncated SVD (SharedBasisConfig, group_size=1, no calibration), then ``--steps`` steps of
-  fine-tuning of the factors;
-- sb1 / sb2: SharedBasisConfig(group_size=1 / 2) calibrated on the training text, then the same fine-tuning.
+- ``sb1``: per-layer whitened SVD (``SharedBasisConfig(group_size=1)``), calibrated on the training text, then its
+  factors trained by distillation (what ``peft_basis.healing.heal(train="factors")`` runs);
+- ``anchored``: the anchored fit (``SharedBasisConfig(group_size=1, inputs="anchored")``), then the same training;
+- ``basel``: ``BaselConfig(init="whitened")``, trained by the same distillation while ``BaselCallback`` prunes it
+  to the keep ratio and consolidates it (``w`` and the extra bases train; Basel's part 1);
+- ``basel_anchored``: ``BaselConfig(init="anchored")`` (the anchored fit at ``initial_keep``), likewise;
+- ``basel_anchored+ft``: the same, with Basel's part 2: pruning in the first ``--part1`` of the steps (at
+  ``basel_anchored``'s learning rate), then the consolidated factors train for the rest (the same total steps).
 
-Every run uses the same batches in the same order, AdamW at ``--lr``. Also measured: time per training
-step against LoRA (r=8, same targets), and Basel + int8 factors (torch.ao dynamic quantisation).
+Every run: ``DistillationTrainer`` (KL from the dense model, temperature 1), the same ``--steps`` steps on the same
+batches in the same order, AdamW with a cosine schedule; the learning rate of each method is chosen among its grid
+(``--factor-lrs`` for factor training, Basel's part 2 included; ``--basel-lrs`` for Basel's part 1) by perplexity
+on the validation blocks at the first keep ratio, then kept.
 
-    python benchmarks/basel.py                       # ~20-30 min on 2 CPU threads
-    python benchmarks/basel.py --keep 0.5 --steps 4 --layers 28 29   # smoke run
+    python benchmarks/basel.py                                    # ~1-2 h on 2 shared CPU cores
+    python benchmarks/basel.py --keep 0.5 --steps 4 --layers 28 29 --factor-lrs 3e-5 --basel-lrs 1e-3   # smoke
 
-Writes benchmarks/results/basel.json and benchmarks/results/basel.md (after every keep ratio).
+Writes benchmarks/results/basel.json and benchmarks/results/basel.md after every run.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
-import math
 import os
+import statistics
+import tempfile
 import time
 import warnings
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+METHODS = ["sb1", "anchored", "basel", "basel_anchored", "basel_anchored+ft"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--domain", default="hamlet")
-    p.add_argument("--keep", type=float, nargs="+", default=[0.8, 0.6, 0.5, 0.4])
-    p.add_argument("--layers", type=int, nargs="+", default=list(range(10, 20)),
+    p.add_argument("--other-domain", default="britannica")
+    p.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.4, 0.6, 0.8])
+    p.add_argument("--layers", type=int, nargs="+", default=[14, 15, 16, 17],
                    help="decoder layers whose Linears are compressed (all 7 per layer)")
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--part1", type=float, default=0.5, help="basel_anchored+ft: share of the steps Basel prunes in")
+    p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--train-blocks", type=int, default=16)
-    p.add_argument("--eval-blocks", type=int, default=12)
-    p.add_argument("--lr", type=float, default=3e-4, help="Basel's training (w and the extra bases, LoRA-like)")
-    p.add_argument("--ft-lr", type=float, default=1e-5,
-                   help="fine-tuning of the baselines' factors (3e-5 and above made them worse in a smoke run)")
+    p.add_argument("--train-blocks", type=int, default=48)
+    p.add_argument("--val-blocks", type=int, default=16)
+    p.add_argument("--eval-blocks", type=int, default=32)
+    p.add_argument("--factor-lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
+    p.add_argument("--basel-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    p.add_argument("--initial-keep", type=float, default=None,
+                   help="basel_anchored's initial_keep (default: BaselConfig's, min(1, 1.5 x keep))")
     p.add_argument("--extra-rank", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--methods", nargs="+", default=["basel", "svd", "sb1", "sb2"])
+    p.add_argument("--rank-allocation", default="global", choices=["global", "uniform"], help="Basel's pruning")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--out", default=os.path.join(HERE, "results", "basel"))
     return p.parse_args()
 
@@ -60,94 +74,103 @@ def log(msg):
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
-def train(model, train_blocks, steps, batch, lr, on_step=None):
-    """``steps`` AdamW steps on the training blocks in a fixed order; returns seconds per step."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    n = train_blocks.shape[0]
-    times = []
-    for step in range(1, steps + 1):
-        i = ((step - 1) * batch) % n
-        ids = train_blocks[i : i + batch]
-        t = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if on_step is not None:
-            on_step(step, steps, opt)
-        times.append(time.perf_counter() - t)
-    model.eval()
-    return times
+class InOrder(torch.utils.data.IterableDataset):
+    """The training blocks in their order, from ``start``, cycling: every method sees the same batches in the same
+    order (Trainer does not shuffle an iterable dataset), and a second phase continues where the first stopped."""
+
+    def __init__(self, blocks, start=0):
+        self.blocks, self.start = blocks, start
+
+    def __iter__(self):
+        i = self.start
+        while True:
+            yield {"input_ids": self.blocks[i % len(self.blocks)]}
+            i += 1
 
 
-def factor_bytes(model, names):
-    """Bytes of the given modules' state (torch.save of their tensors): what storing them costs."""
-    buf = io.BytesIO()
-    state = {k: v for k, v in model.state_dict().items() if any(k.startswith(n + ".") for n in names)}
-    torch.save(state, buf)
-    return buf.getbuffer().nbytes
+def distil(pm, teacher, train_blocks, steps, batch, lr, callbacks=(), trainable=None, start=0):
+    """``steps`` steps of ``DistillationTrainer`` (heal()'s settings) on the blocks from ``start``; ``trainable``: the
+    parameters that train (None: those that already require grad). Returns the seconds of every step (Basel's
+    pruning and consolidation included)."""
+    from transformers import TrainerCallback, TrainingArguments
 
+    from peft_basis.healing import DistillationTrainer
 
-def equal_quality_ratio(basel_points, other_points):
-    """For each Basel point (keep, ppl), the keep ratio at which the other method reaches the same perplexity
-    (linear interpolation of log-ppl over keep ratio); None where the other never gets that good."""
-    out = []
-    pts = sorted(other_points)
-    for keep, ppl in sorted(basel_points):
-        target = math.log(ppl)
-        match = None
-        for (k0, p0), (k1, p1) in zip(pts, pts[1:]):
-            l0, l1 = math.log(p0), math.log(p1)
-            if min(l0, l1) <= target <= max(l0, l1) and l0 != l1:
-                match = k0 + (target - l0) * (k1 - k0) / (l1 - l0)
-        if match is None and pts and math.log(pts[0][1]) <= target:
-            match = pts[0][0] if math.log(pts[0][1]) == target else None
-        out.append({"basel_keep": keep, "basel_ppl": ppl, "other_keep": match,
-                    "size_ratio": None if match is None else match / keep})
-    return out
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.t = [], None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.t)
+
+    if trainable is not None:
+        keep = {id(p) for p in trainable.values()}
+        for p in pm.parameters():
+            p.requires_grad_(id(p) in keep)
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory(prefix="basel_bench_") as scratch:
+        args = TrainingArguments(
+            output_dir=scratch, max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
+            lr_scheduler_type="cosine", warmup_steps=min(0.05, 20 / steps) if steps > 1 else 0, weight_decay=0.0,
+            report_to="none", save_strategy="no", logging_strategy="no", seed=0, data_seed=0,
+            remove_unused_columns=False, dataloader_num_workers=0, label_names=[], use_cpu=True, disable_tqdm=True)
+        trainer = DistillationTrainer(model=pm, teacher=teacher, args=args,
+                                      train_dataset=InOrder(train_blocks, start),
+                                      callbacks=[*callbacks, timer])
+        trainer.train()
+    if trainer.diverged:
+        raise RuntimeError("distillation diverged (non-finite loss); lower the learning rate")
+    pm.eval()
+    return timer.times
 
 
 def write_markdown(res, path):
-    lines = [f"# Basel vs truncated SVD vs Basis Sharing on SmolLM2-135M ({res['setup']['domain']})", ""]
     s = res["setup"]
-    lines += [
-        f"Targets: all 7 Linears of decoder layers {s['layers'][0]}-{s['layers'][-1]} "
-        f"({s['target_dense_params']:,} dense parameters). Task text: {s['train_tokens']:,} training/calibration "
-        f"tokens, {s['eval_tokens']:,} held-apart evaluation tokens (same for all). {s['steps']} AdamW steps per run "
-        f"on the same batches (batch {s['batch']}x{s['seq']}): Basel's training at lr {s['lr']}, the baselines' factor "
-        f"fine-tuning at lr {s['ft_lr']}. Threads: {s['threads']}.",
-        "",
-        f"Dense model perplexity: {res['dense_ppl']:.2f}.",
-        "",
-        "| keep | method | stored params | ppl before FT | ppl after FT | s/step |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines = [f"# Basel vs whitened SVD vs the anchored fit, all trained by distillation (SmolLM2-135M, {s['domain']})",
+             "",
+             f"Targets: all 7 Linears of decoder layers {s['layers'][0]}-{s['layers'][-1]} "
+             f"({s['target_dense_params']:,} dense parameters). {s['domain']}: {s['train_tokens']:,} calibration/"
+             f"training tokens, {s['val_tokens']:,} validation tokens (learning rate choice), {s['eval_tokens']:,} "
+             f"held-apart evaluation tokens; {s['other_domain']}: {s['other_tokens']:,} held-apart tokens. Every run: "
+             f"{s['steps']} steps of DistillationTrainer (KL from the dense model) on the same batches "
+             f"({s['batch']}x{s['seq']}), AdamW, cosine schedule. Threads: {s['threads']}.",
+             "",
+             f"Dense model perplexity: {s['domain']} {res['dense']['ppl']:.2f}, {s['other_domain']} "
+             f"{res['dense']['ppl_other']:.2f}.",
+             "",
+             f"| keep | method | lr | stored params | ppl before training | {s['domain']} ppl | {s['other_domain']} ppl "
+             f"| s/step (median) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in res["runs"]:
+        if not r.get("chosen"):
+            continue
         before = "-" if r.get("ppl_before") is None else f"{r['ppl_before']:.2f}"
-        lines.append(f"| {r['keep']} | {r['method']} | {r['stored_params']:,} | {before} | {r['ppl']:.2f} | "
-                     f"{r['sec_per_step']:.2f} |")
-    if res.get("equal_quality"):
-        lines += ["", "Size at equal quality (keep ratio the other method needs for Basel's perplexity; the other "
-                  "method at the better of its before/after fine-tuning perplexities):", "",
-                  "| vs | Basel keep | Basel ppl | other keep | size ratio |", "|---|---|---|---|---|"]
-        for other, rows in res["equal_quality"].items():
-            for q in rows:
-                ok = "not reached in the measured range" if q["other_keep"] is None else f"{q['other_keep']:.3f}"
-                ratio = "-" if q["size_ratio"] is None else f"{q['size_ratio']:.2f}x"
-                lines.append(f"| {other} | {q['basel_keep']} | {q['basel_ppl']:.2f} | {ok} | {ratio} |")
-    if res.get("timing"):
-        t = res["timing"]
-        lines += ["", "Training time per step (same batch shape):", "", "| what | s/step |", "|---|---|"]
-        for k, v in t.items():
-            lines.append(f"| {k} | {v:.2f} |")
-    if res.get("int8"):
-        q = res["int8"]
-        lines += ["", f"Int8 factors (torch.ao dynamic quantisation), Basel keep {q['keep']}:", "",
-                  "| model | target bytes | ppl |", "|---|---|---|"]
-        for row in q["rows"]:
-            lines.append(f"| {row['what']} | {row['bytes']:,} | {row['ppl']:.2f} |")
+        lr = f"{r['part1_lr']:g}, then {r['lr']:g}" if "part1_lr" in r else f"{r['lr']:g}"
+        lines.append(f"| {r['keep']} | {r['method']} | {lr} | {r['stored_params']:,} | {before} | "
+                     f"{r['ppl']:.2f} | {r['ppl_other']:.2f} | {r['sec_per_step']:.2f} |")
+    lines += ["", "Learning rate choice (validation perplexity at the first keep ratio; the chosen one is used "
+              "everywhere):", "", "| method | lr | val ppl |", "|---|---|---|"]
+    for r in res["runs"]:
+        if r.get("lr_trial"):
+            lines.append(f"| {r['method']} | {r['lr']:g} | {r['ppl_val']:.2f}{' (chosen)' if r.get('chosen') else ''} |")
+    lines += ["", "Basel (anchored start) minus whitened SVD + the same training, at equal parameters (negative: Basel "
+              "better):", "", f"| keep | {s['domain']} | {s['other_domain']} |", "|---|---|---|"]
+    for keep in s["keep"]:
+        rows = {r["method"]: r for r in res["runs"] if r["keep"] == keep and r.get("chosen")}
+        if "sb1" not in rows:
+            continue
+        for m in ("basel_anchored", "basel_anchored+ft"):
+            if m in rows:
+                lines.append(f"| {keep} ({m}) | {rows[m]['ppl'] - rows['sb1']['ppl']:+.2f} | "
+                             f"{rows[m]['ppl_other'] - rows['sb1']['ppl_other']:+.2f} |")
+    if res.get("starts"):
+        lines += ["", "Basel's starts (perplexity on the task's evaluation text, no training):", "",
+                  "| start | stored fraction | ppl |", "|---|---|---|"]
+        for row in res["starts"]:
+            lines.append(f"| {row['what']} | {row['fraction']:.3f} | {row['ppl']:.2f} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -157,127 +180,134 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     warnings.filterwarnings("ignore")
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    import peft_basis  # noqa: F401
-    from peft_basis.io import atomic_write_text
-    from peft_basis.data import load_default_model, split_blocks
+    import peft_basis
+    from peft_basis.data import load_default_model, load_text, token_blocks
     from peft_basis.evaluation import perplexity
-    from peft_basis.tuners.basel import BaselConfig, export_factorized, quantize_factors_8bit
+    from peft_basis.healing import check_held_apart, factor_parameters
+    from peft_basis.io import atomic_write_text
+    from peft_basis.tuners.basel import BaselCallback, BaselConfig, BaselModel
     from peft_basis.tuners.shared_basis import SharedBasisConfig
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     model, tok = load_default_model()
     for p in model.parameters():
         p.requires_grad_(False)
-    train_blocks, eval_blocks = split_blocks(tok, args.domain, args.seq, args.train_blocks, args.eval_blocks)
-    targets = dict(layers_to_transform=args.layers,
-                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    blocks = token_blocks(tok, load_text(args.domain), args.seq)
+    train_blocks = blocks[: args.train_blocks]
+    val_blocks = blocks[args.train_blocks : args.train_blocks + args.val_blocks]
+    eval_blocks = blocks[-args.eval_blocks :]
+    other_blocks = token_blocks(tok, load_text(args.other_domain), args.seq)[-args.eval_blocks :]
+    check_held_apart(train_blocks, {"validation": val_blocks, "evaluation": eval_blocks, "other": other_blocks})
+    targets = dict(layers_to_transform=args.layers, target_modules=TARGETS)
     calib = [train_blocks[i : i + 4] for i in range(0, train_blocks.shape[0], 4)]
-    res = {"setup": {**vars(args), "train_tokens": train_blocks.numel(), "eval_tokens": eval_blocks.numel()},
-           "runs": []}
+    res = {"setup": {**vars(args), "train_tokens": train_blocks.numel(), "val_tokens": val_blocks.numel(),
+                     "eval_tokens": eval_blocks.numel(), "other_tokens": other_blocks.numel()},
+           "runs": [], "starts": []}
 
     def save():
         atomic_write_text(args.out + ".json", json.dumps(res, indent=1))
         write_markdown(res, args.out + ".md")
 
-    res["dense_ppl"] = perplexity(model, eval_blocks)
-    log(f"dense ppl {res['dense_ppl']:.2f}")
+    def evaluate(pm):
+        return {"ppl": perplexity(pm, eval_blocks), "ppl_val": perplexity(pm, val_blocks),
+                "ppl_other": perplexity(pm, other_blocks)}
 
-    # Calibrate once on the task's training text; every calibrated method reuses these Grams.
-    base_cfg = BaselConfig(keep_ratio=args.keep[0], extra_rank=args.extra_rank, **targets)
-    stats = peft_basis.calibrate(model, base_cfg, calib, progress=False)
-    t = time.perf_counter()
-    basel_init = get_peft_model(copy.deepcopy(model), base_cfg)  # one SVD pass, copied per keep ratio
-    res["setup"]["basel_init_seconds"] = time.perf_counter() - t
-    res["setup"]["target_dense_params"] = basel_init.base_model.dense_parameters()
-    log(f"basel init {res['setup']['basel_init_seconds']:.1f}s; initial fraction {base_cfg.initial_fraction:.3f}")
+    names = BaselModel.resolve_target_names(model, BaselConfig(**targets))
+    res["setup"]["target_dense_params"] = sum(model.get_submodule(n).weight.numel() for n in names)
+    res["dense"] = evaluate(model)
+    log(f"dense {res['dense']}")
 
-    for keep in args.keep:
-        for method in args.methods:
-            t0 = time.perf_counter()
-            before = None
-            if method == "basel":
-                pm = copy.deepcopy(basel_init)
-                pm.base_model.peft_config["default"].keep_ratio = keep
-                tuner = pm.base_model
-                times = train(pm, train_blocks, args.steps, args.batch, args.lr, on_step=tuner.basel_step)
-                stored = tuner.kept_parameters()
-                extra = {"ranks_min_max": [min(tuner.ranks().values()), max(tuner.ranks().values())],
-                         "history": tuner.history}
+    # The task's dense-input Grams, once: per-layer whitened SVD and Basel's whitened init use them.
+    grams_cfg = BaselConfig(init="whitened", **targets)
+    grams = peft_basis.calibrate(model, grams_cfg, calib, progress=False)
+    cache: dict = {}
+
+    def basel_start(init, keep, initial_keep=None):
+        """A trained-nothing Basel model (one SVD pass per start, copied per run)."""
+        key = (init, initial_keep)
+        if key not in cache:
+            t = time.perf_counter()
+            if init == "whitened":
+                cfg = BaselConfig(init="whitened", extra_rank=args.extra_rank, rank_allocation=args.rank_allocation,
+                                  **targets)
+                cfg.attach_statistics(grams)
             else:
-                cfg = SharedBasisConfig(compression_ratio=1 - keep, group_size=2 if method == "sb2" else 1, **targets)
-                if method != "svd":
-                    cfg.attach_statistics(stats)
-                pm = get_peft_model(copy.deepcopy(model), cfg)
-                stored = pm.base_model.stored_parameters()
-                before = perplexity(pm, eval_blocks)
-                times = train(pm, train_blocks, args.steps, args.batch, args.ft_lr)
-                extra = {}
+                cfg = BaselConfig(init="anchored", keep_ratio=min(keep, initial_keep), initial_keep=initial_keep,
+                                  extra_rank=args.extra_rank, rank_allocation=args.rank_allocation, **targets)
+                peft_basis.calibrate(model, cfg, calib, progress=False)
+            pm = get_peft_model(copy.deepcopy(model), cfg)
+            seconds = time.perf_counter() - t
             ppl = perplexity(pm, eval_blocks)
-            run = {"keep": keep, "method": method, "stored_params": stored,
-                   "stored_fraction": stored / res["setup"]["target_dense_params"], "ppl_before": before, "ppl": ppl,
-                   "sec_per_step": sum(times) / len(times), "step_times": times,
-                   "wall_seconds": time.perf_counter() - t0, **extra}
-            res["runs"].append(run)
-            log(f"keep {keep} {method}: params {stored:,} ({run['stored_fraction']:.3f}) ppl "
-                f"{'' if before is None else f'{before:.2f} -> '}{ppl:.2f}  {run['sec_per_step']:.2f}s/step")
-            if method == "basel" and abs(keep - 0.5) < 1e-9:
-                res["int8"] = int8_report(pm, keep, model, eval_blocks, targets, export_factorized,
-                                          quantize_factors_8bit, perplexity)
-                log(f"int8: {res['int8']}")
-            del pm
+            res["starts"].append({"what": f"basel init={init}" + (f", initial_keep {initial_keep}" if initial_keep
+                                  else ""), "fraction": cfg.initial_fraction, "ppl": ppl, "seconds": seconds})
+            log(f"start {key}: fraction {cfg.initial_fraction:.3f} ppl {ppl:.2f} ({seconds:.0f}s)")
+            cache[key] = pm
+        return copy.deepcopy(cache[key])
+
+    chosen: dict[str, float] = {}
+    for keep in args.keep:
+        anchored_stats = None
+        for method in args.methods:
+            lr_grid = args.basel_lrs if method in ("basel", "basel_anchored") else args.factor_lrs
+            trial = method not in chosen
+            trials = []
+            for lr in (lr_grid if trial else [chosen[method]]):
+                t0 = time.perf_counter()
+                before, extra = None, {}
+                if method in ("sb1", "anchored"):
+                    cfg = SharedBasisConfig(compression_ratio=1 - keep, group_size=1,
+                                            inputs="anchored" if method == "anchored" else "dense", **targets)
+                    if method == "sb1":
+                        cfg.attach_statistics(grams)
+                    else:
+                        if anchored_stats is None:
+                            anchored_stats = peft_basis.calibrate(model, cfg, calib, progress=False)
+                        cfg.attach_statistics(anchored_stats)
+                    pm = get_peft_model(copy.deepcopy(model), cfg)
+                    stored = pm.base_model.stored_parameters()
+                    before = perplexity(pm, eval_blocks)
+                    times = distil(pm, model, train_blocks, args.steps, args.batch, lr,
+                                   trainable=factor_parameters(pm))
+                else:
+                    initial_keep = None
+                    if method != "basel":
+                        initial_keep = args.initial_keep or BaselConfig(keep_ratio=keep, init="anchored").starting_keep()
+                    pm = basel_start("whitened" if method == "basel" else "anchored", keep, initial_keep)
+                    tuner = pm.base_model
+                    tuner.peft_config["default"].keep_ratio = keep
+                    config = tuner.peft_config["default"]
+                    part1, part1_lr = args.steps, lr
+                    if method == "basel_anchored+ft":  # `lr` is part 2's; part 1 runs at basel_anchored's
+                        part1 = max(2, round(args.part1 * args.steps))
+                        part1_lr = chosen.get("basel_anchored", args.basel_lrs[0])
+                        extra.update(part1_steps=part1, part1_lr=part1_lr)
+                    times = distil(pm, model, train_blocks, part1, args.batch, part1_lr,
+                                   callbacks=[BaselCallback(config)])
+                    if part1 < args.steps:  # Basel's part 2: the consolidated factors train on the next batches
+                        times += distil(pm, model, train_blocks, args.steps - part1, args.batch, lr,
+                                        trainable=factor_parameters(pm), start=part1 * args.batch)
+                    stored = tuner.kept_parameters()
+                    extra.update(initial_keep=initial_keep, initial_fraction=config.initial_fraction,
+                                 ranks_min_max=[min(tuner.ranks().values()), max(tuner.ranks().values())],
+                                 history=tuner.history)
+                run = {"keep": keep, "method": method, "lr": lr, "stored_params": stored,
+                       "stored_fraction": stored / res["setup"]["target_dense_params"], "ppl_before": before,
+                       **evaluate(pm), "sec_per_step": statistics.median(times), "step_times": times,
+                       "wall_seconds": time.perf_counter() - t0, "lr_trial": trial, **extra}
+                res["runs"].append(run)
+                trials.append(run)
+                log(f"keep {keep} {method} lr {lr:g}: params {stored:,} ({run['stored_fraction']:.3f}) ppl "
+                    f"{'' if before is None else f'{before:.2f} -> '}{run['ppl']:.2f} (val {run['ppl_val']:.2f}, "
+                    f"{args.other_domain} {run['ppl_other']:.2f}) {run['sec_per_step']:.2f}s/step")
+                del pm
+                save()
+            best = min(trials, key=lambda r: r["ppl_val"])
+            best["chosen"] = True
+            chosen[method] = best["lr"]
             save()
-        basel_pts = [(r["keep"], r["ppl"]) for r in res["runs"] if r["method"] == "basel"]
-        res["equal_quality"] = {
-            m: equal_quality_ratio(basel_pts, [(r["keep"], min(r["ppl"], r["ppl_before"] or math.inf))
-                                               for r in res["runs"] if r["method"] == m])
-            for m in args.methods if m != "basel"
-        }
-        save()
-
-    # Time per step: LoRA (r=8, same targets) and Basel at the start of training (full rank) on the same batch.
-    lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, **targets))
-    lora_t = train(lora, train_blocks, 4, args.batch, args.lr)
-    del lora
-    b = copy.deepcopy(basel_init)
-    basel_t = train(b, train_blocks, 4, args.batch, args.lr)  # no pruning: the full-rank training phase
-    del b
-    basel_runs = [r for r in res["runs"] if r["method"] == "basel"]
-    ft_runs = [r for r in res["runs"] if r["method"] == "sb1"]
-    res["timing"] = {
-        "LoRA r=8 (dense base)": min(lora_t[1:]),
-        "Basel training phase, full rank (before pruning)": min(basel_t[1:]),
-    }
-    for r in basel_runs:
-        res["timing"][f"Basel training phase, last step at keep {r['keep']}"] = r["step_times"][-1]
-    for r in ft_runs:
-        res["timing"][f"fine-tuning factorised model (sb1) at keep {r['keep']}"] = min(r["step_times"][1:])
-    save()
     log("done")
-
-
-def int8_report(pm, keep, dense_model, eval_blocks, targets, export_factorized, quantize_factors_8bit, perplexity):
-    from peft_basis.tuners.basel import FactorizedLinear
-
-    fp = export_factorized(copy.deepcopy(pm))
-    names = [n for n, m in fp.named_modules() if isinstance(m, FactorizedLinear)]
-    q = quantize_factors_8bit(fp)
-    rows = [
-        {"what": f"Basel factors fp32 (keep {keep})", "bytes": factor_bytes(fp, names), "ppl": perplexity(fp, eval_blocks)},
-        {"what": f"Basel factors int8 (keep {keep})", "bytes": factor_bytes(q, names), "ppl": perplexity(q, eval_blocks)},
-    ]
-    # Reference: the dense targets in int8 with the same quantiser.
-    from torch.ao.quantization import quantize_dynamic
-
-    from peft_basis.tuners.basel import BaselModel  # noqa: F401  (import side effects already done)
-
-    dense_names = [n for n in names]
-    dq = quantize_dynamic(copy.deepcopy(dense_model), qconfig_spec=set(dense_names), dtype=torch.qint8)
-    rows.append({"what": "dense targets fp32", "bytes": factor_bytes(dense_model, dense_names),
-                 "ppl": perplexity(dense_model, eval_blocks)})
-    rows.append({"what": "dense targets int8", "bytes": factor_bytes(dq, dense_names), "ppl": perplexity(dq, eval_blocks)})
-    return {"keep": keep, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -123,6 +123,20 @@ def test_schedule_reaches_keep_ratio_exactly_whatever_the_number_of_steps(total)
     assert tuner.history[-1]["step"] == BaselSchedule.from_config(config, total).end
 
 
+def test_uniform_allocation_gives_every_module_its_share():
+    model = tiny_llama(layers=2)
+    pm, config = _basel(model, keep_ratio=0.4, pruning_steps=5, rank_allocation="uniform")
+    tuner = pm.base_model
+    _train(pm, 6)
+    dense = tuner.dense_parameters()
+    assert tuner.kept_parameters() <= 0.4 * dense and 0.4 * dense - tuner.kept_parameters() < _max_rank_step(tuner)
+    for m in tuner.basel_layers().values():
+        cost, share = m.in_features + m.out_features, 0.4 * m.in_features * m.out_features
+        assert share - cost < m.rank("default") * cost <= share + cost
+    with pytest.raises(ValueError, match="rank_allocation must be one of"):
+        BaselConfig(rank_allocation="loss")
+
+
 def test_schedule_events_are_spread_between_warmup_and_end():
     config = BaselConfig(warmup_ratio=0.1, prune_end_ratio=0.7, pruning_steps=5)
     s = BaselSchedule.from_config(config, 100)
@@ -162,6 +176,9 @@ def test_saved_adapter_holds_only_final_factors_and_reloads_identically(arch, tm
     _train(pm, 6)
     tuner = pm.base_model
     ranks = tuner.ranks()
+    for m in tuner.basel_layers().values():  # each direction's norm split evenly: one lr trains both (part 2)
+        A, B = m.basel_A["default"], m.basel_B["default"]
+        assert torch.allclose(A.norm(dim=1), B.norm(dim=0), rtol=1e-4)
     pm.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["phase"] == "factorized" and saved["rank_pattern"] == ranks
@@ -315,3 +332,128 @@ def test_real_smollm2_two_layers_prunes_to_keep_ratio():
     loss = pm(input_ids=blocks[8:12], labels=blocks[8:12]).loss.item()
     # (a 2-layer cut of the 30-layer model: its dense loss is high, ~18; halving its weights costs ~1.3 nats)
     assert math.isfinite(loss) and loss < dense_loss + 2.0
+
+
+# ---- init="anchored": the anchored factorisation as the start, distillation as the loss -------------------
+def _anchored_basel(model, data=None, **kw):
+    kw.setdefault("extra_rank", 4)
+    kw.setdefault("anchored_fit", {"anchor": 0.25})
+    config = BaselConfig(init="anchored", **kw)
+    peft_basis.calibrate(model, config, data or token_batches(6), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(model, config), config
+
+
+def test_anchored_init_starts_exactly_at_the_anchored_model():
+    from peft_basis import SharedBasisConfig
+
+    base = tiny_llama(layers=3)
+    ids = token_batches(1, seed=9)[0]
+    pm, config = _anchored_basel(fresh_copy(base), keep_ratio=0.4, initial_keep=0.7, layers_to_transform=[1, 2])
+    # the same fit by Basis Sharing, calibrated on its own
+    sb_config = SharedBasisConfig(compression_ratio=0.3, group_size=1, inputs="anchored", anchor=0.25,
+                                  layers_to_transform=[1, 2])
+    sb_model = fresh_copy(base)
+    peft_basis.calibrate(sb_model, sb_config, token_batches(6), progress=False)
+    sb = get_peft_model(sb_model, sb_config)
+    anchored, basel, dense = _logits(sb, ids), _logits(pm, ids), _logits(base, ids)
+    assert (basel - anchored).abs().max() < 1e-4 < (basel - dense).abs().max()
+    tuner = pm.base_model
+    assert tuner.ranks() == {n: r for n, r in sb_config.rank_pattern.items()}
+    assert config.initial_fraction == pytest.approx(sb.base_model.stored_parameters() / tuner.dense_parameters())
+    assert {n.rsplit(".", 2)[-2] for n, p in pm.named_parameters() if p.requires_grad} == {
+        "basel_w", "basel_A_add", "basel_B_add"}
+    # w^2 is each basis' output share in the anchored model: B orthonormal, A orthonormal in the covariance of the
+    # module's inputs there
+    stats = config.calibration_statistics
+    name, layer = next(iter(tuner.basel_layers().items()))
+    A, B = layer.basel_A["default"].double(), layer.basel_B["default"].double()
+    eye = torch.eye(A.shape[0], dtype=torch.float64)
+    assert torch.allclose(B.T @ B, eye, atol=1e-5)
+    gram = stats.covariance(name).double()
+    white = A @ (gram + 1e-6 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)) @ A.T
+    assert torch.allclose(white, eye, atol=1e-3)
+    w2 = layer.basel_w["default"].double() ** 2
+    assert torch.all(w2[:-1] >= w2[1:])
+
+
+def test_anchored_init_default_starts_at_one_and_a_half_times_the_keep_ratio():
+    pm, config = _anchored_basel(tiny_llama(layers=2), keep_ratio=0.4)
+    assert config.starting_keep() == pytest.approx(0.6)
+    assert 0.55 < config.initial_fraction <= 0.6
+    assert BaselConfig(keep_ratio=0.7, init="anchored").starting_keep() == 1.0
+
+
+def _distil(pm, teacher, tmp_path, steps, callbacks, lr=1e-3):
+    from peft_basis.healing import DistillationTrainer
+    from transformers import TrainingArguments
+
+    examples = [{"input_ids": t} for t in torch.cat(token_batches(4, batch=4, seq=32, seed=3))]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=steps, per_device_train_batch_size=4,
+                             learning_rate=lr, report_to=[], save_strategy="no", logging_strategy="no",
+                             disable_tqdm=True, use_cpu=True, remove_unused_columns=False, label_names=[])
+    trainer = DistillationTrainer(model=pm, teacher=teacher, args=args, train_dataset=examples, callbacks=callbacks)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("init", ["anchored", "whitened"])
+def test_distillation_trainer_hosts_the_callback_prunes_and_factorises(init, tmp_path):
+    base = tiny_llama(layers=2)
+    if init == "anchored":
+        pm, config = _anchored_basel(fresh_copy(base), keep_ratio=0.4, pruning_steps=6)
+    else:
+        pm, config = _basel(fresh_copy(base), keep_ratio=0.4, pruning_steps=6, init="whitened")
+    tuner = pm.base_model
+    start = tuner.kept_fraction()
+    ids = token_batches(1, seed=5)[0]
+    trainer = _distil(pm, fresh_copy(base), tmp_path, 6, [BaselCallback(config)])
+    assert trainer.tokens_seen == 6 * 4 * 32 and not trainer.diverged
+    assert config.phase == "factorized"
+    assert len(tuner.history) >= 2 and tuner.history[0]["kept_fraction"] < start
+    assert 0.4 * tuner.dense_parameters() - _max_rank_step(tuner) < tuner.kept_parameters() <= 0.4 * tuner.dense_parameters()
+    assert 0 < _kl(base, pm, ids) < 1
+    pm.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert saved["init"] == init and saved["phase"] == "factorized"
+    reloaded = PeftModel.from_pretrained(fresh_copy(base), tmp_path / "out")
+    assert torch.equal(_logits(reloaded, ids), _logits(pm, ids))
+
+
+def _kl(teacher, student, ids):
+    with torch.no_grad():
+        p = torch.log_softmax(teacher(input_ids=ids).logits, -1)
+        q = torch.log_softmax(student(input_ids=ids).logits, -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_anchored_init_refuses_missing_or_wrong_statistics():
+    from peft_basis import SharedBasisConfig
+
+    model = tiny_llama(layers=2)
+    with pytest.raises(ValueError, match=r"init='anchored'.*no statistics are attached.*peft_basis.calibrate"):
+        get_peft_model(fresh_copy(model), BaselConfig(keep_ratio=0.5, init="anchored"))
+    grams = BaselConfig(keep_ratio=0.5, init="whitened")
+    peft_basis.calibrate(model, grams, token_batches(2), progress=False)
+    config = BaselConfig(keep_ratio=0.5, init="anchored")
+    config.attach_statistics(grams.calibration_statistics)
+    with pytest.raises(ValueError, match="hold Grams but no anchored factors"):
+        get_peft_model(fresh_copy(model), config)
+    sb = SharedBasisConfig(compression_ratio=0.5, group_size=1, inputs="anchored", anchor=0.25)
+    peft_basis.calibrate(model, sb, token_batches(6), progress=False)
+    config = BaselConfig(keep_ratio=0.5, init="anchored")
+    config.attach_statistics(sb.calibration_statistics)
+    with pytest.raises(ValueError, match="without the Grams of the anchored model's inputs"):
+        get_peft_model(fresh_copy(model), config)
+
+
+def test_anchored_settings_are_checked():
+    with pytest.raises(ValueError, match=r"initial_keep .* must be in \[keep_ratio, 1\]"):
+        BaselConfig(keep_ratio=0.5, init="anchored", initial_keep=0.4)
+    with pytest.raises(ValueError, match=r"initial_keep .* must be in \[keep_ratio, 1\]"):
+        BaselConfig(keep_ratio=0.5, init="anchored", initial_keep=1.2)
+    with pytest.raises(ValueError, match="anchored_fit takes"):
+        BaselConfig(init="anchored", anchored_fit={"ancor": 0.5})
+    with pytest.raises(ValueError, match="configure init='anchored'"):
+        BaselConfig(init="whitened", initial_keep=0.8)

@@ -9,7 +9,10 @@ from ...validation import choice, number
 from ..base import PeftBasisConfig
 
 PHASES = ("train", "factorized")
-INITS = ("auto", "svd", "whitened")
+RANK_ALLOCATIONS = ("global", "uniform")
+INITS = ("auto", "svd", "whitened", "anchored")
+# What BaselConfig.anchored_fit may set: the options of the anchored fit (SharedBasisConfig's fields of the same names)
+ANCHORED_FIT_OPTIONS = ("anchor", "anchor_candidates", "holdout_fraction", "refine_epochs", "refine_lr")
 
 
 @dataclass
@@ -42,11 +45,26 @@ class BaselConfig(PeftBasisConfig):
             ``shrinking_steps``, 50). With fewer training steps than events, several fall on one step.
         init: ``"svd"`` (the paper: plain SVD of ``W``), ``"whitened"`` (SVD of ``W S^T`` with
             ``S^T S`` the task's input Gram from ``peft_basis.calibrate``, so the initial importances
-            ``w^2`` measure each basis' contribution to the task's outputs), or ``"auto"``: whitened when
-            calibration statistics are attached, plain SVD otherwise.
+            ``w^2`` measure each basis' contribution to the task's outputs), ``"anchored"`` (start from Basis
+            Sharing's anchored factorisation, ``SharedBasisConfig(group_size=1, inputs="anchored")``, at the ranks
+            of ``initial_keep``: ``peft_basis.calibrate`` then runs that layer-by-layer fit on the task's data, and
+            each module's rank-``k`` factors ``C B`` are turned into ``U diag(w^2) R``, the SVD of ``C B`` whitened
+            by the Gram of the inputs the module sees in the anchored model, so training starts exactly at the
+            anchored model and ``w^2`` is each basis' share of its output there), or ``"auto"``: anchored when
+            the attached statistics hold anchored factors, whitened when they hold Grams, plain SVD otherwise.
+        initial_keep: with ``init="anchored"``, the stored fraction the anchored fit starts at (its ranks are those
+            of ``compression_ratio = 1 - initial_keep``), in ``[keep_ratio, 1]``; the schedule prunes from there to
+            ``keep_ratio``. ``None``: ``min(1, 1.5 * keep_ratio)``.
+        anchored_fit: with ``init="anchored"``, options of the anchored fit passed to its ``SharedBasisConfig``
+            (``anchor``, ``anchor_candidates``, ``holdout_fraction``, ``refine_epochs``, ``refine_lr``); the
+            defaults are Basis Sharing's.
         svd_threshold: directions with singular value below ``svd_threshold * mean`` are dropped at
             export (consolidation, on ``W_eff``'s own spectrum) and, with the plain-SVD init, at initialisation
             (the paper's rule, 1e-3). The whitened init keeps every direction so the model starts exact.
+        rank_allocation: how each pruning event spends its budget across modules: ``"global"`` (the bases with the
+            highest relative relearned energy per parameter, wherever they are) or ``"uniform"`` (every module keeps
+            the same fraction of its dense parameters, by its own energies; the leftover buys at most one rank more
+            per module).
         min_rank: no module is pruned below this rank.
         keep_dense_weight: keep the dense weights in memory (for ``disable_adapter()``); off by default.
         rank_pattern / phase / initial_fraction: filled by the tuner (current ranks, ``"train"`` or
@@ -61,14 +79,23 @@ class BaselConfig(PeftBasisConfig):
     prune_end_ratio: float = field(default=0.7, metadata={"help": "Fraction of training where pruning ends."})
     prune_end_step: Optional[int] = field(default=None, metadata={"help": "Absolute last pruning step (overrides)."})
     pruning_steps: int = field(default=50, metadata={"help": "Number of pruning events."})
-    init: str = field(default="auto", metadata={"help": "'auto', 'svd' or 'whitened'."})
+    init: str = field(default="auto", metadata={"help": "'auto', 'svd', 'whitened' or 'anchored'."})
+    initial_keep: Optional[float] = field(
+        default=None, metadata={"help": "init='anchored': stored fraction the anchored fit starts at (None: 1.5x keep)."}
+    )
+    anchored_fit: dict = field(default_factory=dict, metadata={"help": "init='anchored': options of the anchored fit."})
     svd_threshold: float = field(default=1e-3, metadata={"help": "Drop singular values below this * mean."})
+    rank_allocation: str = field(default="global", metadata={"help": "'global' or 'uniform' pruning budget."})
     min_rank: int = field(default=1, metadata={"help": "Lowest rank any module is pruned to."})
     keep_dense_weight: bool = field(default=False, metadata={"help": "Keep dense weights (for disable_adapter)."})
     phase: str = field(default="train", metadata={"help": "Filled: 'train' or 'factorized'."})
     initial_fraction: Optional[float] = field(default=None, metadata={"help": "Filled: stored fraction at creation."})
 
     filled_fields = PeftBasisConfig.filled_fields + ("phase", "initial_fraction")
+
+    def starting_keep(self) -> float:
+        """The stored fraction ``init="anchored"`` starts at: ``initial_keep``, or ``min(1, 1.5 * keep_ratio)``."""
+        return self.initial_keep if self.initial_keep is not None else min(1.0, 1.5 * self.keep_ratio)
 
     def replaced_modules(self) -> list[str]:
         """The modules whose dense weight this adapter replaces (what lean loading never reads): every target
@@ -100,3 +127,17 @@ class BaselConfig(PeftBasisConfig):
         number(self, "svd_threshold", low=0)
         number(self, "min_rank", low=1, integer=True)
         number(self, "initial_fraction", low=0, optional=True)
+        choice(self, "rank_allocation", RANK_ALLOCATIONS)
+        if self.initial_keep is not None and not (
+            isinstance(self.initial_keep, (int, float)) and self.keep_ratio <= self.initial_keep <= 1
+        ):
+            raise ConfigError(
+                f"initial_keep is the stored fraction the anchored init starts at and must be in [keep_ratio, 1] = "
+                f"[{self.keep_ratio}, 1]; got {self.initial_keep!r}. (The schedule prunes from it down to keep_ratio.)"
+            )
+        unknown = sorted(set(self.anchored_fit or {}) - set(ANCHORED_FIT_OPTIONS))
+        if unknown:
+            raise ConfigError(f"anchored_fit takes {list(ANCHORED_FIT_OPTIONS)}; got {unknown}.")
+        if (self.initial_keep is not None or self.anchored_fit) and self.init not in ("anchored", "auto"):
+            raise ConfigError(f"initial_keep and anchored_fit configure init='anchored'; this config has "
+                              f"init={self.init!r}. Pass init='anchored', or drop them.")

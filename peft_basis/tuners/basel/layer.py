@@ -135,6 +135,10 @@ class BaselLayer(FactorizedLayerMixin, nn.Module, BaseTunerLayer):
         basis = vh[:rank] @ q_right.T
         if whitener is not None:
             basis = basis @ whitener.inverse.T
+        # each direction's norm split evenly between the two factors (same product): the whitened basis alone has
+        # rows of norm ~1/sqrt(tokens), so one learning rate for both factors (part 2) would wreck it
+        scale = (coefficient.norm(dim=0) / basis.norm(dim=1).clamp_min(1e-300)).sqrt().clamp_min(1e-150)
+        coefficient, basis = coefficient / scale, basis * scale[:, None]
         for d in (self.basel_w, self.basel_A_add, self.basel_B_add):
             del d[adapter_name]
         # the factors are the model's weights from now on: in the model's dtype (training may have upcast A to fp32)

@@ -3,6 +3,7 @@ to a factorised model, and the 8-bit path for the factors."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional
 
@@ -14,6 +15,7 @@ from ...budget import greedy_allocate
 from ...linalg import WhitenerCache, whitened_svd
 from ...modules import in_out_features, linear_weight
 from ..base import PeftBasisTuner, warn_no_calibration
+from .anchored import INPUT_GRAMS, BaselAnchoredCalibrator, anchored_reparametrisation
 from .config import BaselConfig
 from .layer import BaselLayer
 from .schedule import BaselSchedule
@@ -65,6 +67,13 @@ class BaselModel(PeftBasisTuner):
                 "model to compare settings."
             )
 
+    @classmethod
+    def layer_calibrator(cls, config, statistics=None):
+        """``init="anchored"``: the anchored fit, layer by layer (:class:`~.anchored.BaselAnchoredCalibrator`)."""
+        if isinstance(config, BaselConfig) and config.init == "anchored":
+            return BaselAnchoredCalibrator(config, statistics)
+        return None
+
     # ---- building the reparametrisation -----------------------------------------------------------
     def _pre_injection_hook(self, model: nn.Module, config: BaselConfig, adapter_name: str) -> None:
         names = self.resolve_target_names(model, config)
@@ -90,6 +99,9 @@ class BaselModel(PeftBasisTuner):
             raise ValueError("A new Basel adapter starts in phase 'train'; `phase` is filled by the tuner, leave it.")
         names = self._profitable(names, shapes, config)
         stats = config.calibration_statistics
+        anchored = config.init == "anchored" or (config.init == "auto" and stats is not None and "factors" in stats.meta)
+        if anchored:
+            return self._anchored_start(modules, names, shapes, config)
         whitened = config.init == "whitened" or (config.init == "auto" and stats is not None)
         if config.init == "whitened" and stats is None:
             raise ValueError(
@@ -98,17 +110,68 @@ class BaselModel(PeftBasisTuner):
             )
         if config.init == "auto" and stats is None:
             warn_no_calibration("BaselConfig")
-        whitener = WhitenerCache(stats, config.damping) if whitened else None
-        gen = torch.Generator().manual_seed(0)
-        dense = stored = 0
-        for n in tqdm(names, desc="Basel SVD", unit="module", disable=len(names) < 20):
-            d_in, d_out = shapes[n]
+        # covariance scale (X^T X / N): w^2 are then the singular values W has on unit-variance inputs, O(1) as in the
+        # paper's plain SVD, so Adam's steps (about lr each) relearn them; on the Gram's scale they are sqrt(N) larger
+        # and barely move in a few hundred steps. Exactness and the pruning order do not depend on the scale.
+        whitener = WhitenerCache(stats, config.damping, covariance=True) if whitened else None
+
+        def bases(n: str):
             u, s, vh = whitened_svd(linear_weight(modules[n]), whitener(n) if whitened else None)
             # The paper's rule drops numerically-zero directions of W itself. Applied to the whitened spectrum it
             # would also drop directions the calibration text happens not to excite, and change the model; so the
             # whitened init keeps every direction (the first pruning event removes the weak ones) and the rule is
             # applied at consolidation, to W_eff's own spectrum.
             r = len(s) if whitened else max(1, int((s >= config.svd_threshold * s.mean()).sum()))
+            return u, s, vh, r
+
+        self._start_training_phase(modules, names, shapes, config, bases)
+
+    def _anchored_start(self, modules, names, shapes, config: BaselConfig) -> None:
+        """``init="anchored"``: each target's anchored factors ``C B`` as ``U diag(s) R``, whitened by the Gram of its
+        inputs in the anchored model (:mod:`.anchored`), so the model starts at the anchored model exactly."""
+        stats = config.calibration_statistics
+        fitted = None if stats is None else stats.meta.get("factors")
+        if fitted is None or stats.meta.get("input_grams") != INPUT_GRAMS:
+            what = "no statistics are attached" if stats is None else (
+                "the attached statistics hold Grams but no anchored factors" if fitted is None else
+                "the attached anchored factors come without the Grams of the anchored model's inputs (a "
+                "SharedBasisConfig's calibration)")
+            raise ValueError(
+                f"BaselConfig(init='anchored') starts from the anchored factorisation, but {what}. Call "
+                "`peft_basis.calibrate(model, config, task_dataloader)` with this BaselConfig first (it runs the "
+                "anchored fit layer by layer), or use init='whitened'."
+            )
+        group_of = {m: key for key, members in fitted["groups"].items() for m in members}
+        missing = [n for n in names if n not in group_of]
+        if missing:
+            raise ValueError(f"The attached anchored statistics hold no factors for {missing[:3]}: they were fitted for "
+                             "other target modules. Run `peft_basis.calibrate(model, config, dataloader)` with this "
+                             "config.")
+        left_dense = sorted(set(group_of) - set(names))
+        if left_dense:
+            warnings.warn(
+                f"Basel leaves {left_dense[:3]} ({len(left_dense)} in all) dense, but the anchored fit compressed them: "
+                "the modules after them were fitted to their compressed outputs, so the start is not the anchored "
+                "model there. Raise keep_ratio, or exclude them from target_modules before calibrating.",
+                stacklevel=3,
+            )
+        whitener = WhitenerCache(stats, config.damping, covariance=True)  # the scale: as for init="whitened"
+
+        def bases(n: str):
+            coefficient = stats.extra[f"factors/coefficient/{n}"]
+            basis = stats.extra[f"factors/basis/{group_of[n]}"]
+            u, s, r = anchored_reparametrisation(coefficient, basis, whitener(n))
+            return u, s, r, len(s)  # every direction: the start is exact; the first pruning event removes weak ones
+
+        self._start_training_phase(modules, names, shapes, config, bases)
+
+    def _start_training_phase(self, modules, names, shapes, config: BaselConfig, bases) -> None:
+        """Every target's training-phase tensors from ``bases(name) -> (U, s, R, r)``: ``W = U diag(s) R``, first ``r`` kept."""
+        gen = torch.Generator().manual_seed(0)
+        dense = stored = 0
+        for n in tqdm(names, desc="Basel SVD", unit="module", disable=len(names) < 20):
+            d_in, d_out = shapes[n]
+            u, s, vh, r = bases(n)
             r_add = min(config.extra_rank, d_in, d_out)
             dtype = modules[n].weight.dtype
             self._pending[n] = {
@@ -200,7 +263,9 @@ class BaselModel(PeftBasisTuner):
     def prune_to(self, budget: int, optimizer=None, adapter_name: str = "default", step: Optional[int] = None) -> None:
         """Keep the bases with the highest relative relearned energy per parameter, ``(w_i^2)^2 / sum_j (w_j^2)^2``
         (the squared error removing basis ``i`` costs, relative to the module's total), within ``budget``
-        stored parameters; ranks only go down."""
+        stored parameters; ranks only go down. ``rank_allocation="uniform"``: every module first keeps its own
+        share of the budget (the same fraction of its dense parameters), the leftover buys at most one more
+        rank where that energy is highest."""
         config = self.peft_config[adapter_name]
         layers = [(n, m) for n, m in self.basel_layers(adapter_name).items() if m.phase(adapter_name) == "train"]
         orders, scores, costs, r_max = [], [], [], []
@@ -212,6 +277,11 @@ class BaselModel(PeftBasisTuner):
             costs.append(m.in_features + m.out_features)
             r_max.append(m.rank(adapter_name))
         r_min = [min(config.min_rank, r) for r in r_max]
+        if config.rank_allocation == "uniform":
+            fraction = budget / max(sum(m.in_features * m.out_features for _, m in layers), 1)
+            r_min = [min(r, max(lo, math.floor(fraction * m.in_features * m.out_features / c)))
+                     for (_, m), r, lo, c in zip(layers, r_max, r_min, costs)]
+            r_max = [min(r, lo + 1) for r, lo in zip(r_max, r_min)]
         try:
             ranks = greedy_allocate(scores, costs, budget, r_min=r_min, r_max=r_max)
         except ValueError as e:

@@ -127,6 +127,7 @@ class AnchoredCompressor(LayerHandler):
         self.reports: dict[str, dict] = {}
         self.anchors: dict[str, float] = {}
         self.refinement: dict[int, dict] = {}
+        self._patched: dict[str, nn.Module] = {}  # layers without targets (layers_to_transform) patch nothing
 
     # ---- events ------------------------------------------------------------------------------------
     def on_start(self, run) -> None:
