@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ __all__ = [
     "check_finite_gram", "decomposition_threads", "factorize_group", "group_spectrum", "member_error",
     "member_errors", "normalised_spectrum", "robust_eigh", "warn_if_rank_deficient", "whitened_svd",
 ]
+__all__ += ["decomposition_workers", "map_decompositions"]
 
 # Eigenvalues of a Gram below DAMPING * mean(eigenvalue) are clamped up to it. Scale-free, so the
 # same value works for fp16 models, 100 or 10^6 tokens, and dead features (a zero row/column):
@@ -65,8 +67,58 @@ def decomposition_threads():
         torch.set_num_threads(before)
 
 
+def decomposition_workers() -> int:
+    """How many factorisations :func:`map_decompositions` runs at once: ``PEFT_BASIS_DECOMPOSITION_WORKERS``,
+    default ``torch.get_num_threads()`` (the threads the forward passes use)."""
+    n = os.environ.get("PEFT_BASIS_DECOMPOSITION_WORKERS")
+    return max(int(n) if n else torch.get_num_threads(), 1)
+
+
+def map_decompositions(fn, items: Iterable) -> Iterator:
+    """``fn(item)`` for each item, results in order, ``decomposition_workers()`` of them at once in threads,
+    each single-threaded (the thread count restored after).
+
+    Why: the decompositions run on one thread each (:func:`decomposition_threads`), so one at a time leaves
+    every other core idle; independent single-threaded ones side by side use them all, without the
+    collapse of multi-threaded BLAS and ``eigh`` on busy cores (no thread waits on another). ``items`` is
+    read in the calling thread, at most ``2 * workers`` ahead of the results consumed, so anything it
+    computes (and warns about) happens there and only a few results wait in memory. One thread per call
+    also makes every result independent of the worker count (BLAS may round differently on more threads)."""
+    workers = decomposition_workers()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # read by each worker thread when it starts (torch's thread count is global)
+    if workers <= 1:
+        try:
+            for item in items:
+                yield fn(item)
+        finally:
+            torch.set_num_threads(before)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="peft-basis-decomposition")
+    try:
+        pending, source = deque(), iter(items)
+        for item in source:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            result = pending.popleft().result()
+            for item in source:
+                pending.append(pool.submit(fn, item))
+                break
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(before)
+
+
 def check_finite_gram(gram: torch.Tensor, name: str = "module") -> None:
-    if not torch.isfinite(gram).all():
+    # A finite sum proves every entry finite (NaN and inf propagate into it); only a non-finite sum (such an
+    # entry, or a sum that overflowed) needs the element-wise test. One reduction instead of a boolean copy.
+    if not torch.isfinite(gram.sum()) and not torch.isfinite(gram).all():
         raise CalibrationError(
             f"The calibration Gram of {name} contains NaN or Inf. The model produced non-finite activations on the "
             "calibration data (often fp16 overflow): calibrate in float32 or bfloat16, or remove the offending samples."
