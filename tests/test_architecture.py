@@ -12,7 +12,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LAYERS = [
     ["_version", "errors", "_peft_type", "modules", "budget", "distributed", "evaluation", "data", "validation",
      "fingerprint"],
-    ["linalg", "io"],
+    ["linalg", "io", "parallel"],
     ["calibration"],
     ["tuners"],
     ["compression", "lean", "hub", "task_vectors", "standalone", "harness", "persistence", "healing"],

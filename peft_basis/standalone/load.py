@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..modules import in_out_features, is_linear
+from ..tuners.factorized import aligned_rows
 from .checkpoint import (
     COMPRESSION_CONFIG,
     SCALE_SUFFIX,
@@ -73,11 +74,12 @@ class CompressedModel:
             return t.to(device)
 
         def factor(name: str) -> nn.Parameter:
+            # rows on cache lines (a view into padded storage where needed): faster decoding, same values
             if not int8:
-                return nn.Parameter(tensor(name), requires_grad=False)
+                return nn.Parameter(aligned_rows(tensor(name)), requires_grad=False)
             q, scale = shards.get(name), shards.get(name + SCALE_SUFFIX)
             used.update((name, name + SCALE_SUFFIX))
-            return nn.Parameter(dequantize_rows_int8(q, scale, compute_dtype).to(device), requires_grad=False)
+            return nn.Parameter(aligned_rows(dequantize_rows_int8(q, scale, compute_dtype).to(device)), requires_grad=False)
 
         try:
             bases: dict[str, nn.Parameter] = {}

@@ -30,11 +30,56 @@ def write_dense_weight(base_layer: nn.Module, weight_out_in: torch.Tensor) -> No
     base_layer._parameters["weight"] = nn.Parameter(w.detach().to(dtype).contiguous(), requires_grad=False)
 
 
+# From this many tokens on, the first product is computed as ``basis @ x^T`` (the rank is the GEMM's row
+# count) rather than ``x @ basis^T`` (the rank its column count): BLAS kernels run a column count that is
+# not a multiple of the vector width (16 floats on AVX-512) at a visible loss, a row count nearly free,
+# and the ranks an exact budget gives are rarely multiples of 16. Below it (decoding) the products are
+# matrix-vector ones, where the plain form is as fast and the transposes only cost dispatch time.
+TRANSPOSED_MIN_TOKENS = 32
+
+
+# Rows of a factor start on this byte boundary (a cache line): see ``aligned_rows``.
+ROW_ALIGNMENT_BYTES = 64
+
+
+def aligned_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (2-D) with each row starting on a 64-byte boundary: itself when its rows already do, otherwise a
+    view into zero-padded storage (same values and shape, row stride rounded up; at most 15 float32 of padding
+    per row). Why: a coefficient ``d_out x rank`` has rows of ``rank`` floats, rarely a multiple of 16, and
+    the matrix-vector products of decoding stream misaligned rows measurably slower. Saving copies it back to
+    contiguous (PEFT and ``save_compressed`` both do), so checkpoints are unchanged."""
+    if t.dim() != 2 or t.shape[0] <= 1 or t.shape[1] == 0:
+        return t
+    step = max(ROW_ALIGNMENT_BYTES // t.element_size(), 1)
+    stride = -(-t.shape[1] // step) * step
+    if t.stride() == (stride, 1):  # contiguous with aligned rows already, or an aligned view
+        return t
+    with torch.no_grad():
+        storage = t.new_zeros(t.shape[0], stride)
+        storage[:, : t.shape[1]] = t
+    return storage[:, : t.shape[1]]
+
+
 def factorized_forward(x: torch.Tensor, basis: torch.Tensor, coefficient: torch.Tensor, bias) -> torch.Tensor:
+    """``(x basis^T) coefficient^T + bias`` in the factors' dtype, returned in ``x``'s. Every factorised
+    module runs this one function, so the PEFT layers and the standalone model give bitwise equal outputs."""
     dtype = x.dtype
-    h = nn.functional.linear(x.to(basis.dtype), basis)
-    y = nn.functional.linear(h.to(coefficient.dtype), coefficient, None if bias is None else bias.to(coefficient.dtype))
-    return y.to(dtype)
+    if dtype != basis.dtype:
+        x = x.to(basis.dtype)
+    if bias is not None and bias.dtype != coefficient.dtype:
+        bias = bias.to(coefficient.dtype)
+    d_in = x.shape[-1]
+    tokens = x.numel() // d_in if d_in else 0
+    if tokens >= TRANSPOSED_MIN_TOKENS:
+        h = torch.mm(basis, x.reshape(tokens, d_in).T).T  # rank x tokens, transposed back as a view
+        if h.dtype != coefficient.dtype:  # a base-dtype basis shared by adapter-dtype coefficients
+            h = h.to(coefficient.dtype)
+        y = torch.mm(h, coefficient.T) if bias is None else torch.addmm(bias, h, coefficient.T)
+        y = y.view(*x.shape[:-1], coefficient.shape[0])
+    else:
+        h = nn.functional.linear(x, basis)
+        y = nn.functional.linear(h if h.dtype == coefficient.dtype else h.to(coefficient.dtype), coefficient, bias)
+    return y if y.dtype == dtype else y.to(dtype)
 
 
 class FactorizedLayerMixin:

@@ -16,6 +16,7 @@ from ...linalg import WhitenerCache, whitened_svd
 from ...modules import in_out_features, linear_weight
 from ..base import PeftBasisTuner, warn_no_calibration
 from .anchored import INPUT_GRAMS, BaselAnchoredCalibrator, anchored_reparametrisation
+from ..factorized import factorized_forward
 from .config import BaselConfig
 from .layer import BaselLayer
 from .schedule import BaselSchedule
@@ -341,6 +342,12 @@ class FactorizedLinear(nn.Sequential):
         if bias is not None:
             up.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         super().__init__(down, up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        down, up = self[0], self[1]
+        if type(down) is nn.Linear and type(up) is nn.Linear:  # the Basel layer's own arithmetic: equal outputs
+            return factorized_forward(x, down.weight, up.weight, up.bias)
+        return super().forward(x)  # e.g. dynamically quantised Linears
 
 
 def export_factorized(peft_model, adapter_name: str = "default") -> nn.Module:

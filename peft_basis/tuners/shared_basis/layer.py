@@ -7,7 +7,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...modules import in_out_features
-from ..factorized import FactorizedLayerMixin, dense_is_dropped, drop_dense_weight, factorized_forward
+from ..factorized import FactorizedLayerMixin, aligned_rows, dense_is_dropped, drop_dense_weight, factorized_forward
 
 
 def saved_basis_name(group_key: str) -> str:
@@ -46,7 +46,7 @@ class SharedBasisLayer(FactorizedLayerMixin, nn.Module, BaseTunerLayer):
         self._sb_bases[adapter_name] = bases
         self.sb_group[adapter_name] = group
         self.sb_rank[adapter_name] = coefficient.shape[1]
-        self.sb_coefficient[adapter_name] = nn.Parameter(coefficient)
+        self.sb_coefficient[adapter_name] = nn.Parameter(aligned_rows(coefficient))  # rows on cache lines: faster decoding
         if not self.keep_dense_weight and not dense_is_dropped(self.base_layer):
             drop_dense_weight(self.base_layer)
         self.set_adapter([adapter_name])

@@ -11,6 +11,7 @@ tokens (see :class:`~.config.SharedBasisConfig`).
 from __future__ import annotations
 
 import warnings
+from contextlib import closing
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from ...linalg import (
     normalised_spectrum,
     whitened_svd,
 )
+from ...parallel import map_decompositions
 from ...modules import in_out_features, linear_weight
 from ..base import PeftBasisTuner, warn_no_calibration
 from ..factorized import dense_is_dropped, drop_dense_weight, factorized_forward
@@ -235,11 +237,12 @@ class SharedBasisModel(PeftBasisTuner):
         def own_gram(m: str) -> torch.Tensor | None:
             return None if stats is None else stats.gram(m)
 
-        def factorise(g: Group, rank: int, eval_ranks: list[int], f: GroupFactors | None = None):
+        def factorise(g: Group, rank: int, eval_ranks: list[int], f: GroupFactors | None = None, g_gram=None):
             """Factors at ``rank`` and the absolute member errors at each of ``eval_ranks``
             (each member on its OWN Gram: the summed group Gram would flatter sharing)."""
             if f is None:
-                f = factorize_group(weights(g), gram(g.members), rank, config.damping, g.members[0])
+                g_gram = gram(g.members) if g_gram is None else g_gram
+                f = factorize_group(weights(g), g_gram, rank, config.damping, g.members[0])
             errs: dict[int, list[float]] = {k: [] for k in eval_ranks}
             refs = []
             if len(g.members) == 1:  # the member's Gram is the group's: errors are the discarded spectrum
@@ -338,20 +341,24 @@ class SharedBasisModel(PeftBasisTuner):
             budget, caps = rank_bounds(groups, config)  # raises before any work if the ratio is impossible
             if config.rank_allocation == "uniform":
                 # one pass: ranks are floor or floor + 1, so factorise at the cap and truncate after allocation
-                for g, cap in zip(tqdm(groups, desc="factorising", unit="group"), caps):
-                    floor = uniform_rank(g, config)
-                    f, errs, rf = factorise(g, cap, sorted({min(floor, cap), cap}))
-                    factors[g.key], errors[g.key], refs[g.key] = f, errs, rf
-                    spectra[g.key] = normalised_spectrum(f.eigenvalues)
-                    release(g)
+                # side by side on the idle cores; the Grams are read (and warned about) in this thread
+                jobs = ((g, cap, sorted({min(uniform_rank(g, config), cap), cap}), gram(g.members))
+                        for g, cap in zip(groups, caps))
+                with closing(map_decompositions(lambda job: factorise(*job[:3], g_gram=job[3]), jobs)) as done:
+                    for g, (f, errs, rf) in zip(tqdm(groups, desc="factorising", unit="group"), done):
+                        factors[g.key], errors[g.key], refs[g.key] = f, errs, rf
+                        spectra[g.key] = normalised_spectrum(f.eigenvalues)
+                        release(g)
                 ranks = allocate_ranks(groups, config, lambda g: spectra[g.key])
             else:
                 for g in tqdm(groups, desc="spectra", unit="group"):
                     spectra[g.key] = normalised_spectrum(group_spectrum(weights(g), gram(g.members), config.damping))
                 ranks = allocate_ranks(groups, config, lambda g: spectra[g.key], stats)
-                for g, r in zip(tqdm(groups, desc="factorising", unit="group"), ranks):
-                    factors[g.key], errors[g.key], refs[g.key] = factorise(g, r, [r])
-                    release(g)
+                jobs = ((g, r, [r], gram(g.members)) for g, r in zip(groups, ranks))
+                with closing(map_decompositions(lambda job: factorise(*job[:3], g_gram=job[3]), jobs)) as done:
+                    for g, result in zip(tqdm(groups, desc="factorising", unit="group"), done):
+                        factors[g.key], errors[g.key], refs[g.key] = result
+                        release(g)
 
         report = []
         for g, rank in zip(groups, ranks):
