@@ -129,7 +129,9 @@ def _md(result: dict) -> str:
     ratios = sorted({r["ratio"] for r in result["rows"]})
     d = result["dense"]
     lines = [f"# Compression quality on SmolLM2-135M\n\nWritten by `benchmarks/compression_quality.py`. Dense perplexity: "
-             f"Britannica {d['britannica']:.2f}, pydoc {d['pydoc']:.2f}. Calibration: 16 x 512 Britannica tokens; "
+             f"Britannica {d['britannica']:.2f}, pydoc {d['pydoc']:.2f}. Calibration: "
+             f"{', '.join(f'{t:,}' for t in sorted({r['calib_tokens'] for r in result['rows']}))} Britannica tokens "
+             f"(the first 512-token blocks, the same for every row); "
              "evaluation: 8 x 512 held-apart Britannica tokens and 8 x 512 pydoc tokens (another domain).\n",
              "Perplexity, Britannica / pydoc, by fraction of the targeted parameters removed:\n",
              "| row | " + " | ".join(f"{r:.0%}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
@@ -150,6 +152,32 @@ def _md(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: dict, path: str) -> None:
+    """Perplexity against the fraction removed, a line per row, one panel per text (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, text in zip(axes, ("britannica", "pydoc")):
+        for name in ROWS:
+            pts = sorted((r["ratio"], r[text]) for r in result["rows"] if r["row"] == name)
+            if pts:
+                ax.plot([100 * q for q, _ in pts], [v for _, v in pts], marker="o", label=name)
+        ax.axhline(result["dense"][text], color="black", linestyle="--", label="dense")
+        ax.set(yscale="log", xlabel="% of the targeted parameters removed", ylabel="perplexity (held apart)",
+               title=f"{text} (dense {result['dense'][text]:.2f})")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+PLOT = os.path.join(os.path.dirname(HERE), "docs", "img", "compression_quality.png")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", default="whitened,compressed,anchored,refined,loss,loss_dense,g2,auto")
@@ -158,6 +186,7 @@ def main(argv=None) -> None:
     p.add_argument("--calib-blocks", type=int, default=64)
     p.add_argument("--anchor", type=float, default=None, help="the anchored rows' anchor (default: the config's)")
     p.add_argument("--update", action="store_true", help="keep the rows already in the results file")
+    p.add_argument("--plot-only", action="store_true", help="rewrite the markdown and the plot from the JSON")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -172,9 +201,15 @@ def main(argv=None) -> None:
         return
     path = os.path.join(RESULTS, "compression_quality")
     result = {"rows": []}
-    if args.update and os.path.exists(path + ".json"):
+    if (args.update or args.plot_only) and os.path.exists(path + ".json"):
         with open(path + ".json") as f:
             result = json.load(f)
+    if args.plot_only:
+        from peft_basis.io import atomic_write_text
+
+        atomic_write_text(path + ".md", _md(result))
+        plot(result, PLOT)
+        return
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
     def worker(name: str, ratio: float) -> dict:
@@ -198,6 +233,7 @@ def main(argv=None) -> None:
             print(json.dumps(row), flush=True)
             atomic_write_text(path + ".json", json.dumps(result, indent=1))
             atomic_write_text(path + ".md", _md(result))
+    plot(result, PLOT)
 
 
 if __name__ == "__main__":
