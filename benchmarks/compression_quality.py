@@ -49,6 +49,35 @@ SHORT = {"whitened": "whitened per layer (today, dense inputs)", "compressed": "
          "g2": "group_size=2 (paper's sharing, dense inputs)", "auto": "group_size=auto (chosen on held-apart tokens)"}
 
 
+def param_bytes(model) -> int:
+    """Bytes of the model's distinct parameters (a tied embedding counted once)."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def bare_forward_seconds(model, batches) -> float:
+    """The floor a calibration is measured against: the bare forward passes of the decoder stack (no LM head)
+    over the same batches, after one warm-up pass."""
+    import torch
+
+    with torch.no_grad():
+        model.model(input_ids=batches[0], use_cache=False)
+        t0 = time.perf_counter()
+        for b in batches:
+            model.model(input_ids=b, use_cache=False)
+        return time.perf_counter() - t0
+
+
+def run_worker(script: str, argv: list[str], what: str) -> dict:
+    """Run ``script --worker *argv`` in a fresh process (the repository first on its path) and return the
+    dict it printed on its last ``RESULT `` line."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, script, "--worker", *argv], env=env, capture_output=True, text=True)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][7:])
+
+
 def run_row(name: str, ratio: float, threads: int, calib_blocks: int) -> dict:
     import tempfile
     import warnings
@@ -68,13 +97,8 @@ def run_row(name: str, ratio: float, threads: int, calib_blocks: int) -> dict:
     calib, held = split_blocks(tok, "britannica", 512, calib_blocks, 8)
     pydoc = token_blocks(tok, load_text("pydoc"), 512, 8)
     batches = [calib[i : i + 4] for i in range(0, calib_blocks, 4)]
-    model_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-    with torch.no_grad():  # the floor: the bare forward passes over the same batches
-        model.model(input_ids=batches[0], use_cache=False)
-        t0 = time.perf_counter()
-        for b in batches:
-            model.model(input_ids=b, use_cache=False)
-        forward_seconds = time.perf_counter() - t0
+    model_bytes = param_bytes(model)
+    forward_seconds = bare_forward_seconds(model, batches)
     config = peft_basis.SharedBasisConfig(compression_ratio=ratio, **spec)
     reset_peak_rss()
     base_rss = peak_rss_bytes()
@@ -210,16 +234,10 @@ def main(argv=None) -> None:
         atomic_write_text(path + ".md", _md(result))
         plot(result, PLOT)
         return
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-
     def worker(name: str, ratio: float) -> dict:
-        cmd = [sys.executable, __file__, "--worker", name, str(ratio), "--threads", str(args.threads),
-               "--calib-blocks", str(args.calib_blocks)] + ([] if args.anchor is None else ["--anchor", str(args.anchor)])
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-        if done.returncode or not lines:
-            raise RuntimeError(f"{name} at {ratio} failed:\n{done.stderr[-3000:]}")
-        return json.loads(lines[-1][7:])
+        argv = [name, str(ratio), "--threads", str(args.threads), "--calib-blocks", str(args.calib_blocks)]
+        argv += [] if args.anchor is None else ["--anchor", str(args.anchor)]
+        return run_worker(__file__, argv, f"{name} at {ratio}")
 
     if "dense" not in result:
         result["dense"] = worker("dense", 0.0)
