@@ -75,6 +75,15 @@ def _compressor(spec: str, calib, work: str):
             return get_peft_model(model, config)
 
         return compress
+    if spec == "anchored":  # the main job's fit (anchored + loss-aware ranks), on the same 16 calibration blocks
+
+        def compress(model, ratio):
+            config = peft_basis.SharedBasisConfig(compression_ratio=ratio, group_size=1, inputs="anchored",
+                                                  rank_allocation="loss")
+            peft_basis.calibrate(model, config, [calib[i : i + 4] for i in range(0, 16, 4)])
+            return get_peft_model(model, config)
+
+        return compress
     if ":" in spec and not os.path.exists(spec):
         module, name = spec.split(":", 1)
         fn = getattr(importlib.import_module(module), name)
@@ -90,6 +99,11 @@ def _save(result: dict) -> None:
         f.write(_markdown(result))
 
 
+def _compression(run: dict) -> str:
+    spec = run.get("compression", "calibrate")
+    return {"calibrate": "whitened per layer", "anchored": "anchored + loss-aware ranks"}.get(spec, spec)
+
+
 def _markdown(result: dict) -> str:
     dense = result.get("dense", {})
     lines = ["# Healing: perplexity against tokens spent (SmolLM2-135M, Basis Sharing group_size=1)", "",
@@ -97,7 +111,7 @@ def _markdown(result: dict) -> str:
              + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()) + ".", ""]
     for run in result["runs"]:
         tokens = [h["tokens"] for h in run["history"]]
-        lines += [f"## {run['ratio']:.0%} removed, train={run['train']} (lr {run['lr']:g}"
+        lines += [f"## {run['ratio']:.0%} removed, {_compression(run)}, train={run['train']} (lr {run['lr']:g}"
                   + (", bf16 autocast" if run.get("bf16") else "") + ")", "",
                   "| text | " + " | ".join(f"{t:,}" for t in tokens) + " |",
                   "|---|" + "---|" * len(tokens)]
@@ -124,8 +138,9 @@ def plot(result: dict, path: str | None = None) -> None:
         for run in result["runs"]:
             xs = [h["tokens"] for h in run["history"]]
             ys = [h["perplexity"][text] for h in run["history"]]
-            ax.plot(xs, ys, marker="o", linestyle="-" if run["train"] == "factors" else "--",
-                    color=f"C{ratios.index(run['ratio'])}", label=f"{run['ratio']:.0%} removed, {run['train']}")
+            ax.plot(xs, ys, marker="o" if run.get("compression", "calibrate") == "calibrate" else "s",
+                    linestyle="-" if run["train"] == "factors" else "--",
+                    color=f"C{ratios.index(run['ratio'])}", label=f"{run['ratio']:.0%} removed, {_compression(run)}, {run['train']}")
         ax.axhline(result["dense"][text], color="black", linewidth=0.8, label=f"dense ({result['dense'][text]:.1f})")
         if text == "britannica":
             for ratio, goal in GOALS.items():
@@ -148,7 +163,7 @@ def main(argv=None) -> dict:
     p.add_argument("--max-tokens", type=int, default=8192, help="healing tokens per run")
     p.add_argument("--checkpoints", default="4096", help="token counts to evaluate at, besides 0 and the end")
     p.add_argument("--compressed", default="calibrate",
-                   help="'calibrate' (default), an adapter folder per ratio ('out/sb{ratio}'), or module:function "
+                   help="'calibrate' (default: whitened per layer), 'anchored' (anchored fit + loss-aware ranks), an adapter folder per ratio ('out/sb{ratio}'), or module:function "
                         "(model, ratio, calib_blocks) -> PeftModel")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr-factors", type=float, default=1e-4, help="heal()'s default: 5e-5")
@@ -206,7 +221,7 @@ def main(argv=None) -> dict:
             history = ([start] if start is not None else []) + r.history
             start = history[0]
             result["runs"].append({
-                "ratio": ratio, "train": mode, "lr": r.lr, "bf16": args.bf16, "history": history,
+                "ratio": ratio, "compression": args.compressed, "train": mode, "lr": r.lr, "bf16": args.bf16, "history": history,
                 "tokens": r.tokens, "seconds": r.seconds, "tokens_per_second": r.tokens_per_second,
                 "diverged": r.diverged, "threads": args.threads, "load_average": [load, os.getloadavg()[0]]})
             _save(result)
