@@ -1,8 +1,9 @@
 """``peft-basis``: compress the real default model and show before/after quality, size and speed.
 
-    peft-basis                       # Basis Sharing, 20% removed, SmolLM2-135M, real text
-    peft-basis --ratio 0.3 --group-size 2 --output out/sb30
-    peft-basis --sequential --compressed-inputs      # one decoder layer in memory at a time (large models)
+    peft-basis                       # Basis Sharing, 20% removed, SmolLM2-135M, real text: anchored fit, loss-aware ranks
+    peft-basis --refine-epochs 2 --calib-blocks 64   # + block refinement, more calibration tokens (slower, better)
+    peft-basis --inputs dense --ratio 0.3 --group-size 2 --output out/sb30   # the paper's whitened, shared bases
+    peft-basis --sequential                          # one decoder layer in memory at a time (large models)
     peft-basis --model path/to/hf-model --eval-domain pydoc
     peft-basis --heal-tokens 100000                  # then heal the factors by distillation from the dense model
 
@@ -33,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="anchored (default): fit each layer to the dense model's outputs from the compressed model's "
                         "inputs, layer by layer; dense: whitened SVD on the dense model's inputs (the paper)")
     p.add_argument("--anchor", type=float, default=0.25, help="with --inputs anchored: the target interpolation b")
-    p.add_argument("--refine-epochs", type=int, default=None,
-                   help="with --inputs anchored: block refinement epochs after each layer is fitted (default 2; 0: off)")
+    p.add_argument("--refine-epochs", type=int, default=0,
+                   help="with --inputs anchored: block refinement epochs after each layer is fitted (default 0: off; "
+                        "each epoch costs about three more passes over the calibration tokens per layer)")
     p.add_argument("--group-size", default=None,
                    help="layers per shared basis, or 'auto' (default 1: private factors; sharing needs --inputs dense)")
     p.add_argument("--rank-allocation", default="loss", choices=["uniform", "global", "loss"],
@@ -102,7 +104,7 @@ def check_run_args(args) -> None:
         raise SystemExit("--refine-epochs applies to --inputs anchored.")
     if args.heal_tokens < 0:
         raise SystemExit(f"--heal-tokens {args.heal_tokens}: pass 0 (no healing) or a number of tokens.")
-    if args.refine_epochs is not None and args.refine_epochs < 0:
+    if args.refine_epochs < 0:
         raise SystemExit(f"--refine-epochs {args.refine_epochs}: pass 0 (off) or more.")
     try:
         run_config(args)
@@ -114,9 +116,6 @@ def check_run_args(args) -> None:
         raise SystemExit(f"--output {args.output} is a file; pass a folder for the adapter.")
 
 
-DEFAULT_REFINE_EPOCHS = 2
-
-
 def run_config(args):
     """The SharedBasisConfig the main job's arguments describe."""
     from peft_basis import SharedBasisConfig
@@ -126,7 +125,7 @@ def run_config(args):
               rank_allocation=args.rank_allocation)
     if args.inputs == "anchored":
         kw.update(inputs="anchored", anchor=args.anchor,
-                  refine_epochs=DEFAULT_REFINE_EPOCHS if args.refine_epochs is None else args.refine_epochs)
+                  refine_epochs=args.refine_epochs)
     return SharedBasisConfig(**kw)
 
 

@@ -55,7 +55,7 @@ def test_real_two_layer_smollm2_compresses_reloads_and_whitening_pays(tmp_path):
 
 
 MAIN_JOB_ARGS = {
-    "anchored": ["--refine-epochs", "1"],  # the default pipeline (anchored fit, loss-aware ranks), one epoch
+    "anchored": ["--refine-epochs", "1"],  # the default pipeline (anchored fit, loss-aware ranks) + one refinement epoch
     "anchored-sequential": ["--refine-epochs", "1", "--sequential"],
     "compressed-inputs-sequential": ["--sequential", "--inputs", "dense", "--rank-allocation", "uniform",
                                      "--compressed-inputs"],
