@@ -21,6 +21,7 @@ batches in the same order, AdamW with a cosine schedule; the learning rate of ea
 on the validation blocks at the first keep ratio, then kept.
 
     python benchmarks/basel.py                                    # ~1-2 h on 2 shared CPU cores
+    python benchmarks/basel.py --keep 0.4 --append                # one more keep ratio, the chosen learning rates
     python benchmarks/basel.py --keep 0.5 --steps 4 --layers 28 29 --factor-lrs 3e-5 --basel-lrs 1e-3   # smoke
 
 Writes benchmarks/results/basel.json and benchmarks/results/basel.md after every run.
@@ -67,6 +68,9 @@ def parse():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--out", default=os.path.join(HERE, "results", "basel"))
+    p.add_argument("--append", action="store_true",
+                   help="add to --out's JSON (same setup otherwise): its runs of the keep ratios and methods run now "
+                        "are replaced, the learning rates it chose for the others are reused, not chosen again")
     return p.parse_args()
 
 
@@ -205,8 +209,24 @@ def main():
     res = {"setup": {**vars(args), "train_tokens": train_blocks.numel(), "val_tokens": val_blocks.numel(),
                      "eval_tokens": eval_blocks.numel(), "other_tokens": other_blocks.numel()},
            "runs": [], "starts": []}
+    chosen: dict[str, float] = {}
+    if args.append and os.path.exists(args.out + ".json"):
+        with open(args.out + ".json") as f:
+            old = json.load(f)
+        same = ("domain", "other_domain", "layers", "steps", "part1", "seq", "batch", "train_blocks", "val_blocks",
+                "eval_blocks", "initial_keep", "extra_rank", "rank_allocation")
+        differ = [k for k in same if old["setup"].get(k) != res["setup"][k]]
+        if differ:
+            raise SystemExit(f"--append: {args.out}.json was run with other settings ({differ}); use another --out")
+        rerun = {(k, m) for k in args.keep for m in args.methods}
+        res["runs"] = [r for r in old["runs"] if (r["keep"], r["method"]) not in rerun]
+        res["starts"] = old.get("starts", [])
+        chosen = {r["method"]: r["lr"] for r in res["runs"] if r.get("chosen") and r.get("lr_trial")}
+        res["setup"]["keep"] = old["setup"]["keep"] + [k for k in args.keep if k not in old["setup"]["keep"]]
 
     def save():
+        order = res["setup"]["keep"]
+        res["runs"].sort(key=lambda r: (order.index(r["keep"]), METHODS.index(r["method"])))  # stable: lr order kept
         atomic_write_text(args.out + ".json", json.dumps(res, indent=1))
         write_markdown(res, args.out + ".md")
 
@@ -240,13 +260,13 @@ def main():
             pm = get_peft_model(copy.deepcopy(model), cfg)
             seconds = time.perf_counter() - t
             ppl = perplexity(pm, eval_blocks)
-            res["starts"].append({"what": f"basel init={init}" + (f", initial_keep {initial_keep}" if initial_keep
-                                  else ""), "fraction": cfg.initial_fraction, "ppl": ppl, "seconds": seconds})
+            what = f"basel init={init}" + (f", initial_keep {initial_keep:g}" if initial_keep else "")
+            res["starts"] = [row for row in res["starts"] if row["what"] != what]  # --append: the same start again
+            res["starts"].append({"what": what, "fraction": cfg.initial_fraction, "ppl": ppl, "seconds": seconds})
             log(f"start {key}: fraction {cfg.initial_fraction:.3f} ppl {ppl:.2f} ({seconds:.0f}s)")
             cache[key] = pm
         return copy.deepcopy(cache[key])
 
-    chosen: dict[str, float] = {}
     for keep in args.keep:
         anchored_stats = None
         for method in args.methods:

@@ -206,6 +206,25 @@ def test_anchored_statistics_save_and_reload_into_the_same_adapter(tmp_path):
         assert torch.equal(direct(IDS).logits, reloaded(IDS).logits)
 
 
+def test_one_anchored_calibration_gives_independent_adapters():
+    # the injected factors are copies: training one adapter leaves the statistics, and the next adapter, as fitted
+    data = token_batches(4)
+    config = _anchored()
+    stats = peft_basis.calibrate(tiny_llama(layers=2), config, data, progress=False)
+    before = {k: v.clone() for k, v in stats.extra.items()}
+    first = get_peft_model(tiny_llama(layers=2), config)
+    with torch.no_grad():
+        ref = first(IDS).logits
+        for p in first.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    assert all(torch.equal(stats.extra[k], v) for k, v in before.items())
+    again = _anchored()
+    again.attach_statistics(stats)
+    with torch.no_grad():
+        assert torch.equal(get_peft_model(tiny_llama(layers=2), again)(IDS).logits, ref)
+
+
 def test_anchored_fit_stays_finite_when_the_gram_is_not_positive_definite():
     # fewer compressed-input tokens than dimensions, and fp32 rounding: Cholesky of the damped Gs fails
     x, xs = _inputs(n=10, d=24)

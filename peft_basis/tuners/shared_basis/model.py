@@ -192,12 +192,12 @@ class SharedBasisModel(PeftBasisTuner):
         if missing:
             raise ValueError(f"The attached statistics hold no fitted factors for {missing[:3]}: they were made for "
                              "other target modules. Run `calibrate(model, config, dataloader)` with this config.")
-        for key, members in fitted["groups"].items():
+        for key, members in fitted["groups"].items():  # copies: training must not edit the attached statistics
             dtype = modules[members[0]].weight.dtype
-            bases[key] = nn.Parameter(stats.extra[f"factors/basis/{key}"].to(dtype))
+            bases[key] = nn.Parameter(stats.extra[f"factors/basis/{key}"].to(dtype, copy=True))
             for m in members:
                 self._member_group[m] = key
-                self._pending[m] = stats.extra[f"factors/coefficient/{m}"].to(dtype)
+                self._pending[m] = stats.extra[f"factors/coefficient/{m}"].to(dtype, copy=True)
             config.groups[key] = list(members)
             config.rank_pattern.update({m: int(fitted["ranks"][key]) for m in members})
         if not config.keep_dense_weight:
