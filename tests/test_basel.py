@@ -382,7 +382,11 @@ def test_anchored_init_default_starts_at_one_and_a_half_times_the_keep_ratio():
     pm, config = _anchored_basel(tiny_llama(layers=2), keep_ratio=0.4)
     assert config.starting_keep() == pytest.approx(0.6)
     assert 0.55 < config.initial_fraction <= 0.6
-    assert BaselConfig(keep_ratio=0.7, init="anchored").starting_keep() == 1.0
+    assert BaselConfig(keep_ratio=0.7, init="anchored").starting_keep() == pytest.approx(0.85)  # below 1: a fit
+    pm, config = _anchored_basel(tiny_llama(layers=2), keep_ratio=0.8)  # crashed with a start of 1.0 before
+    assert config.starting_keep() == pytest.approx(0.9)
+    with pytest.raises(ValueError, match=r"initial_keep.*\[0.8, 1\)"):
+        BaselConfig(keep_ratio=0.8, init="anchored", initial_keep=1.0)
 
 
 def _distil(pm, teacher, tmp_path, steps, callbacks, lr=1e-3):
@@ -449,9 +453,9 @@ def test_anchored_init_refuses_missing_or_wrong_statistics():
 
 
 def test_anchored_settings_are_checked():
-    with pytest.raises(ValueError, match=r"initial_keep .* must be in \[keep_ratio, 1\]"):
+    with pytest.raises(ValueError, match=r"initial_keep .* must be in \[keep_ratio, 1\)"):
         BaselConfig(keep_ratio=0.5, init="anchored", initial_keep=0.4)
-    with pytest.raises(ValueError, match=r"initial_keep .* must be in \[keep_ratio, 1\]"):
+    with pytest.raises(ValueError, match=r"initial_keep .* must be in \[keep_ratio, 1\)"):
         BaselConfig(keep_ratio=0.5, init="anchored", initial_keep=1.2)
     with pytest.raises(ValueError, match="anchored_fit takes"):
         BaselConfig(init="anchored", anchored_fit={"ancor": 0.5})

@@ -94,8 +94,11 @@ class BaselConfig(PeftBasisConfig):
     filled_fields = PeftBasisConfig.filled_fields + ("phase", "initial_fraction")
 
     def starting_keep(self) -> float:
-        """The stored fraction ``init="anchored"`` starts at: ``initial_keep``, or ``min(1, 1.5 * keep_ratio)``."""
-        return self.initial_keep if self.initial_keep is not None else min(1.0, 1.5 * self.keep_ratio)
+        """The stored fraction ``init="anchored"`` starts at: ``initial_keep``, or ``min(1.5 * keep_ratio,
+        (1 + keep_ratio) / 2)`` (room to prune, and always below 1: the anchored fit needs something removed)."""
+        if self.initial_keep is not None:
+            return self.initial_keep
+        return min(1.5 * self.keep_ratio, (1 + self.keep_ratio) / 2)
 
     def replaced_modules(self) -> list[str]:
         """The modules whose dense weight this adapter replaces (what lean loading never reads): every target
@@ -129,11 +132,12 @@ class BaselConfig(PeftBasisConfig):
         number(self, "initial_fraction", low=0, optional=True)
         choice(self, "rank_allocation", RANK_ALLOCATIONS)
         if self.initial_keep is not None and not (
-            isinstance(self.initial_keep, (int, float)) and self.keep_ratio <= self.initial_keep <= 1
+            isinstance(self.initial_keep, (int, float)) and self.keep_ratio <= self.initial_keep < 1
         ):
             raise ConfigError(
-                f"initial_keep is the stored fraction the anchored init starts at and must be in [keep_ratio, 1] = "
-                f"[{self.keep_ratio}, 1]; got {self.initial_keep!r}. (The schedule prunes from it down to keep_ratio.)"
+                f"initial_keep is the stored fraction the anchored init starts at and must be in [keep_ratio, 1) = "
+                f"[{self.keep_ratio}, 1); got {self.initial_keep!r}. (The schedule prunes from it down to keep_ratio; "
+                "the anchored fit needs something removed.)"
             )
         unknown = sorted(set(self.anchored_fit or {}) - set(ANCHORED_FIT_OPTIONS))
         if unknown:
