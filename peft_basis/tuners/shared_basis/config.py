@@ -80,7 +80,7 @@ class SharedBasisConfig(PeftBasisConfig):
     auto_selection_tokens: int = field(
         default=2048, metadata={"help": "Calibration tokens 'auto' scores each grouping on (model loss); 0: error only."}
     )
-    rank_allocation: str = field(default="uniform", metadata={"help": "'uniform' or 'global'."})
+    rank_allocation: str = field(default="uniform", metadata={"help": "'uniform', 'global' or 'loss'."})
     keep_dense_weight: bool = field(default=False, metadata={"help": "Keep dense weights (for disable_adapter)."})
     groups: dict = field(default_factory=dict, metadata={"help": "Filled at creation: group -> module names."})
     inputs: str = field(default="dense", metadata={"help": "'dense' or 'anchored': what the factors are fitted to."})
