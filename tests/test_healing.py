@@ -246,7 +246,7 @@ class _Poison(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 2:
             with torch.no_grad():
-                self.param.view(-1)[0] = float("nan")
+                self.param[(0,) * self.param.dim()] = float("nan")  # factors may be strided views (aligned rows)
 
 
 def test_divergence_stops_restores_the_factors_and_says_so(world):
