@@ -189,6 +189,10 @@ def plot(result: dict, path: str) -> None:
             pts = sorted((r["ratio"], r[text]) for r in result["rows"] if r["row"] == name)
             if pts:
                 ax.plot([100 * q for q, _ in pts], [v for _, v in pts], marker="o", label=name)
+        healed = _healed_points(text)
+        if healed:
+            ax.plot([100 * q for q, _ in healed], [v for _, v in healed], marker="*", markersize=10, linestyle=":",
+                    label="anchored + loss-aware ranks, then healed (benchmarks/healing.py, its own calibration)")
         ax.axhline(result["dense"][text], color="black", linestyle="--", label="dense")
         ax.set(yscale="log", xlabel="% of the targeted parameters removed", ylabel="perplexity (held apart)",
                title=f"{text} (dense {result['dense'][text]:.2f})")
@@ -197,6 +201,20 @@ def plot(result: dict, path: str) -> None:
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+def _healed_points(text: str) -> list[tuple[float, float]]:
+    """(ratio, perplexity) at the end of the largest healing run from the anchored fit, per ratio."""
+    path = os.path.join(RESULTS, "healing.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        runs = [r for r in json.load(f)["runs"] if r.get("compression") == "anchored" and r["train"] == "factors"]
+    best = {}
+    for r in runs:
+        if r["ratio"] not in best or r["tokens"] > best[r["ratio"]]["tokens"]:
+            best[r["ratio"]] = r
+    return sorted((q, r["history"][-1]["perplexity"][text]) for q, r in best.items())
 
 
 PLOT = os.path.join(os.path.dirname(HERE), "docs", "img", "compression_quality.png")
