@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from peft_basis.subcommands import _check_model_arg, _check_positive, _mb
+from peft_basis.subcommands import check_model_arg, check_positive, mb
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +90,8 @@ def _heal(args, peft_model, model_path: str, tok, held) -> dict:
 
 def check_run_args(args) -> None:
     """Every argument of the main job, checked before any work (loading the model, measuring perplexity)."""
-    _check_model_arg(args.model)
-    _check_positive(args, "seq_len", "calib_blocks", "eval_blocks", "layers", "threads")
+    check_model_arg(args.model)
+    check_positive(args, "seq_len", "calib_blocks", "eval_blocks", "layers", "threads")
     group_size = args.group_size or "1"
     if group_size != "auto" and not group_size.isdigit():
         raise SystemExit(f"--group-size {group_size}: pass a positive integer (layers per shared basis) or 'auto'.")
@@ -235,7 +235,7 @@ def run(argv: list[str] | None = None) -> dict:
     rows = [
         ("perplexity (held-apart)", f"{ppl_before:.2f}", f"{ppl_after:.2f}"),
         ("parameters", f"{dense_params:,}", f"{compressed_params:,} ({compressed_params / dense_params:.1%})"),
-        ("size in memory", _mb(dense_bytes), _mb(compressed_bytes)),
+        ("size in memory", mb(dense_bytes), mb(compressed_bytes)),
         ("tokens/s (batch 8 x 256)", f"{tps_before:,.0f}", f"{tps_after:,.0f}"),
     ]
     print(f"\n{'':28}{'dense':>16}{'compressed':>26}")
@@ -243,14 +243,14 @@ def run(argv: list[str] | None = None) -> dict:
         print(f"{name:28}{a:>16}{b:>26}")
     print(f"\ncalibrate + compress: {t_total:.1f} s" + ("" if args.sequential else f" (calibration {t_calib:.1f} s)"))
     if args.standalone:
-        print(f"standalone compressed checkpoint: {args.standalone}/ ({_mb(result['bytes_on_disk']['standalone'])}; "
+        print(f"standalone compressed checkpoint: {args.standalone}/ ({mb(result['bytes_on_disk']['standalone'])}; "
               "load with peft_basis.CompressedModel.from_pretrained, no dense base needed)")
     if healing:
         print(f"healing: {healing['tokens']:,} tokens in {healing['seconds']:.1f} s "
               f"({healing['tokens_per_second']:,.0f} tokens/s); perplexity {healing['perplexity_before']:.2f} before, "
               f"{healing['perplexity_after']:.2f} after"
               + (" (diverged: factors restored)" if healing["diverged"] else ""))
-    print(f"adapter saved to {args.output}/ ({_mb(adapter_bytes)}); reload with:\n"
+    print(f"adapter saved to {args.output}/ ({mb(adapter_bytes)}); reload with:\n"
           f"  import peft_basis; from peft import PeftModel\n  PeftModel.from_pretrained(base_model, {args.output!r})")
     return result
 

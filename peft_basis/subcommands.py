@@ -11,18 +11,18 @@ import time
 import torch
 
 
-def _mb(n_bytes: int) -> str:
+def mb(n_bytes: int) -> str:
     return f"{n_bytes / 2**20:.1f} MB"
 
 
-def _check_model_arg(model) -> None:
+def check_model_arg(model) -> None:
     if model is not None and not os.path.isfile(os.path.join(model, "config.json")):
         what = "does not exist" if not os.path.exists(model) else "holds no config.json"
         raise SystemExit(f"--model {model}: the folder {what}. Pass a local Hugging Face causal LM folder (what "
                          "`save_pretrained` writes), or leave --model out for SmolLM2-135M.")
 
 
-def _check_positive(args, *names) -> None:
+def check_positive(args, *names) -> None:
     for name in names:
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -73,8 +73,8 @@ def _method_config(args):
 def run_calibrate(argv: list[str] | None = None) -> dict:
     """``peft-basis calibrate``: statistics for any method, whole-model or layer by layer, saved to a file."""
     args = build_calibrate_parser().parse_args(argv)
-    _check_model_arg(args.model)
-    _check_positive(args, "r", "blocks", "seq_len", "batch_size", "threads")
+    check_model_arg(args.model)
+    check_positive(args, "r", "blocks", "seq_len", "batch_size", "threads")
     if os.path.isdir(args.output):
         raise SystemExit(f"--output {args.output} is a folder; pass a file path such as "
                          f"{os.path.join(args.output, 'calibration_statistics.safetensors')}.")
@@ -116,7 +116,7 @@ def run_calibrate(argv: list[str] | None = None) -> dict:
     print(f"{len(stats.sources)} modules, " + (f"{len(stats.grams)} distinct inputs (Grams)" if stats.grams else
                                                "BASIS directions (no Grams)")
           + (f", Fisher scores for {n_fisher} modules" if n_fisher else "")
-          + f"; {seconds:.1f} s, peak memory {_mb(result['peak_rss_bytes'])}")
+          + f"; {seconds:.1f} s, peak memory {mb(result['peak_rss_bytes'])}")
     print(f"saved to {args.output}; use with:\n  config = peft_basis.{CALIBRATE_CONFIGS[args.method]}(...)  # as above\n"
           f"  peft_basis.use_statistics(config, {args.output!r}); peft_model = get_peft_model(model, config)")
     return result

@@ -13,6 +13,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
+from ..io.folders import _exchange
 from .checkpoint import (
     COMPRESSION_CONFIG,
     FACTOR_FORMATS,
@@ -211,19 +212,6 @@ def _fix_permissions(folder: str) -> None:
             os.chmod(os.path.join(root, d), 0o777 & ~umask)
         for f in files:
             os.chmod(os.path.join(root, f), 0o666 & ~umask)
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unavailable."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _move_into_place(new: str, final: str) -> None:
