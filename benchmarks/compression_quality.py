@@ -106,6 +106,7 @@ def run_row(name: str, ratio: float, threads: int, calib_blocks: int) -> dict:
     if pipeline == "calibrate":
         stats = peft_basis.calibrate(model, config, batches, progress=False)
         compressed = get_peft_model(model, config)
+        report = compressed.base_model.compression_report
         seconds = time.perf_counter() - t0
         peak = peak_rss_bytes()
         extra = {}
@@ -122,13 +123,13 @@ def run_row(name: str, ratio: float, threads: int, calib_blocks: int) -> dict:
     else:
         del model
         with tempfile.TemporaryDirectory() as out:
-            peft_basis.compress_sequential(default_model_path(), config, batches, out, progress=False,
-                                           inputs="compressed")
+            # a lean-loaded model has no report: the compressor returns it
+            report = peft_basis.compress_sequential(default_model_path(), config, batches, out, progress=False,
+                                                    inputs="compressed")
             seconds = time.perf_counter() - t0
             peak = peak_rss_bytes()
             compressed = peft_basis.load_lean(default_model_path(), out)
         extra = {}
-    report = compressed.base_model.compression_report
     stored = sum(r["params"] for r in report)
     dense = sum(r["dense_params"] for r in report)
     return {"row": name, "ratio": ratio, "britannica": perplexity(compressed, held), "pydoc": perplexity(compressed, pydoc),
@@ -264,7 +265,11 @@ def main(argv=None) -> None:
     for key in args.rows.split(","):
         name = SHORT.get(key, key)
         for ratio in [float(r) for r in args.ratios.split(",")]:
-            row = worker(name, ratio)
+            try:
+                row = worker(name, ratio)
+            except RuntimeError as e:  # one failed row is reported; the others still run
+                print(f"FAILED {name} at {ratio}: {e}", file=sys.stderr, flush=True)
+                continue
             result["rows"] = [r for r in result["rows"] if (r["row"], r["ratio"]) != (name, ratio)] + [row]
             print(json.dumps(row), flush=True)
             atomic_write_text(path + ".json", json.dumps(result, indent=1))
