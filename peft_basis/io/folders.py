@@ -103,9 +103,11 @@ def _inside(path: str, folder: str) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_folder(path: str):
+def atomic_folder(path: str, carry_over: bool = True):
     """``with atomic_folder(target) as tmp:`` write the folder's files into ``tmp``; on a clean exit it replaces
-    ``target`` in one step (see the module docstring); on an exception ``target`` is left untouched."""
+    ``target`` in one step (see the module docstring); on an exception ``target`` is left untouched.
+    ``carry_over=False``: the new folder is exactly what was written into ``tmp`` (a checkpoint whose old shards
+    would be stale beside the new ones); nothing of the old folder is kept."""
     target = os.path.realpath(path)
     if os.path.exists(target) and not os.path.isdir(target):
         raise NotADirectoryError(f"{path} is a file; pass a folder to save into (it is created if missing).")
@@ -113,13 +115,13 @@ def atomic_folder(path: str):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
     try:
-        for f in CARRIED_IN_BEFORE:
+        for f in CARRIED_IN_BEFORE if carry_over else ():
             if os.path.isfile(os.path.join(target, f)):
                 shutil.copy2(os.path.join(target, f), os.path.join(tmp, f))
         yield tmp
         existed = os.path.isdir(target)
         _set_modes(tmp, os.stat(target).st_mode & 0o7777 if existed else 0o777 & ~_umask())
-        if existed:
+        if existed and carry_over:
             _carry_over(target, tmp)
         fsync_tree(tmp)
         if _inside(os.getcwd(), target):  # the folder is (inside) the working directory: it cannot be renamed

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -13,7 +12,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from ..io.folders import _exchange
+from ..io.folders import atomic_folder
 from .checkpoint import (
     COMPRESSION_CONFIG,
     FACTOR_FORMATS,
@@ -202,36 +201,6 @@ def _model_card(compression: dict) -> str:
     ])
 
 
-def _fix_permissions(folder: str) -> None:
-    """mkdtemp and mkstemp create 0700 / 0600 entries: give the checkpoint the permissions files normally get."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for root, dirs, files in os.walk(folder):
-        for d in dirs:
-            os.chmod(os.path.join(root, d), 0o777 & ~umask)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o666 & ~umask)
-
-
-def _move_into_place(new: str, final: str) -> None:
-    if not os.path.exists(final):
-        os.rename(new, final)
-        return
-    if _exchange(new, final):  # `new` now holds the previous checkpoint
-        shutil.rmtree(new, ignore_errors=True)
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=os.path.dirname(final))
-    os.rmdir(old)
-    os.rename(final, old)
-    try:
-        os.rename(new, final)
-    except BaseException:
-        os.rename(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_compressed(model, directory: str, *, dtype: Optional[torch.dtype] = None, factors: str = "float",
                     max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE, tokenizer=None) -> str:
     """Write ``model`` (a PeftModel holding a Basis Sharing or consolidated Basel adapter, or a model
@@ -294,10 +263,7 @@ def save_compressed(model, directory: str, *, dtype: Optional[torch.dtype] = Non
             f"{directory} holds files but no compressed checkpoint. save_compressed replaces the whole folder, so it "
             "refuses to: pass a new or empty folder."
         )
-    parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.saving-", dir=parent)
-    try:
+    with atomic_folder(final, carry_over=False) as tmp:  # old shards would be stale beside the new ones
         index = _write_shards(tmp, entries, max_bytes)
         with open(os.path.join(tmp, INDEX), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2)
@@ -315,11 +281,6 @@ def save_compressed(model, directory: str, *, dtype: Optional[torch.dtype] = Non
             tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write(_model_card(compression))
-        _fix_permissions(tmp)
-        _move_into_place(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
