@@ -52,7 +52,6 @@ def _tuner_cls(config):
 # ---- saving ------------------------------------------------------------------------------------------
 def check_complete(peft_model, adapter_names=None) -> None:
     """Refuse to save a peft-basis adapter whose tensors are no longer all in the model."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import get_peft_model_state_dict
 
     for name, config in peft_model.peft_config.items():

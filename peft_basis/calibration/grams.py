@@ -15,7 +15,6 @@ import weakref
 import torch
 from torch import nn
 
-from ..errors import CalibrationError
 from ..modules import in_out_features
 from .statistics import CalibrationStatistics
 

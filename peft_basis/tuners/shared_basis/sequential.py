@@ -219,7 +219,7 @@ class SharedBasisLayerCompressor(LayerHandler):
             del self.open_weights[n]
 
     def _factorise_groups(self) -> None:
-        config, groups, model = self.config, self.groups, self.run.model
+        config, groups = self.config, self.groups
         ranks = allocate_ranks(groups, config, lambda g: self.spectra[g.key])
         self.rank_of = rank_of = {g.key: r for g, r in zip(groups, ranks)}
         order = sorted(groups, key=lambda g: (self.last_layer[g.key], self.first_layer[g.key]))
