@@ -53,7 +53,7 @@ def calibrate(
             raise ValueError("calibrate needs a `dataloader` (or precomputed `statistics`).")
         dense = None
         if method.needs_fisher(config):
-            dense = _whole_model_statistics(model, config, method, dataloader, max_batches, progress)
+            dense = _dense_fisher_statistics(model, config, method, dataloader, max_batches, progress)
         handler = method.layer_calibrator(config, dense)
         stats = LayerSequentialPipeline(model, lambda m: method.resolve_target_names(m, config), dataloader,
                                         max_batches=max_batches, progress=progress).run(handler)
@@ -90,7 +90,7 @@ def calibrate(
         dataloader, max_batches = (held_batches if held else batches), None
     if dataloader is not None:
         if method.needs_fisher(config):
-            plan = method.fisher_plan(model, config, names, stats)
+            plan = method.fisher_plan(model, config, names, stats, progress=progress)
             plan.store(stats, run.fisher(plan, stats))
         method.extra_calibration(model, config, stats, dataloader, max_batches=max_batches, progress=progress)
     if save_to is not None:
@@ -99,12 +99,17 @@ def calibrate(
     return stats
 
 
-def _whole_model_statistics(model, config, method, dataloader, max_batches, progress) -> CalibrationStatistics:
+def _dense_fisher_statistics(model, config, method, dataloader, max_batches, progress) -> CalibrationStatistics:
+    """The dense model's Fisher scores for a layer calibrator's ranks (whole model: a Gram pass for the
+    directions, then the backward passes); the Grams themselves are not kept."""
     names = method.resolve_target_names(model, config)
     run = WholeModelPipeline(model, names, dataloader, max_batches=max_batches, progress=progress)
     stats = run.grams()
     if method.needs_fisher(config):
-        plan = method.fisher_plan(model, config, names, stats)
+        plan = method.fisher_plan(model, config, names, stats, progress=progress)
+        # a layer calibrator reads the dense model's Fisher scores (its ranks), not these Grams, which are as
+        # large as the model: gone before the backward passes, whose peak they would add to
+        stats.grams.clear()
         plan.store(stats, run.fisher(plan, stats))
     return stats
 

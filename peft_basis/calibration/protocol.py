@@ -48,8 +48,9 @@ class CalibrationMethod(abc.ABC):
         return False
 
     @classmethod
-    def fisher_plan(cls, model: nn.Module, config, names: list[str], stats):
-        """The directions whose Fisher scores the method needs (``None``: none), from ``names``' Grams."""
+    def fisher_plan(cls, model: nn.Module, config, names: list[str], stats, *, progress: bool = False):
+        """The directions whose Fisher scores the method needs (``None``: none), from ``names``' Grams
+        (``progress``: a progress bar while they are computed, for a whole model's worth of ``names``)."""
         return None
 
     @classmethod

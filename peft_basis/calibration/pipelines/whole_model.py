@@ -146,13 +146,20 @@ def collect_fisher(
                 labels = batch_labels(kwargs)
                 if labels is None:
                     continue
-                # sum over sequences of each one's mean NLL: a sequence without labelled tokens adds nothing
-                out = model(**kwargs, use_cache=False)
-                loss, seqs, tokens = sequence_loss(out.logits, labels)
-                loss.backward()
-                n_seqs += seqs
-                n_labelled_tokens += tokens
-                del out, loss
+                # sum over sequences of each one's mean NLL: a sequence without labelled tokens adds nothing. One
+                # sequence at a time: the scores are sums over sequences, so nothing changes, but the autograd graph,
+                # the logits and the hooks' projected inputs are one sequence's, not the batch's
+                rows = labels.shape[0]
+                for s in range(rows):
+                    one = {k: v[s : s + 1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
+                           for k, v in kwargs.items()}
+                    out = model(**one, use_cache=False)
+                    loss, seqs, tokens = sequence_loss(out.logits, labels[s : s + 1])
+                    if seqs:
+                        loss.backward()
+                    n_seqs += seqs
+                    n_labelled_tokens += tokens
+                    del out, loss
     finally:
         for p, f in flags.items():
             p.requires_grad_(f)

@@ -300,7 +300,8 @@ class BasisModel(PeftBasisTuner):
         return bases_as_statistics(_config_bases(model, config, names, stats))
 
     @classmethod
-    def fisher_plan(cls, model: nn.Module, config: BasisConfig, names: list[str], stats) -> FisherPlan | None:
+    def fisher_plan(cls, model: nn.Module, config: BasisConfig, names: list[str], stats, *,
+                    progress: bool = False) -> FisherPlan | None:
         """For ``rank_allocation='fisher'``: the directions of ``names`` whose empirical Fisher the allocation
         scores (``min(r_max, d_in, d_out)`` per module), from their input covariances in ``stats``. Used by
         ``calibrate`` (whole model: one forward and one backward pass per batch) and ``calibrate_sequential``

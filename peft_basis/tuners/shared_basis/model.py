@@ -23,12 +23,10 @@ from ...calibration.fisher import FisherPlan
 from ...calibration.statistics import with_held_apart_grams
 from ...linalg import (
     GroupFactors,
-    WhitenerCache,
     factorize_group,
     group_spectrum,
     member_errors,
     normalised_spectrum,
-    whitened_svd,
 )
 from ...parallel import map_decompositions
 from ...modules import in_out_features, linear_weight
@@ -102,20 +100,30 @@ class SharedBasisModel(PeftBasisTuner):
         return isinstance(config, SharedBasisConfig) and config.rank_allocation == "loss"
 
     @classmethod
-    def fisher_plan(cls, model, config, names: list[str], stats) -> FisherPlan | None:
+    def fisher_plan(cls, model, config, names: list[str], stats, *, progress: bool = False) -> FisherPlan | None:
         """Each module's leading whitened directions (``W = U diag(sigma) R``, dense-input Grams), as many as
         can be kept profitably; the Fisher of each direction's scale is what dropping it costs in loss."""
         if not cls.needs_fisher(config):
             return None
-        whitener = WhitenerCache(stats, config.damping)
-        directions, extra = {}, {}
-        for n in names:
-            module = model.get_submodule(n)
-            d_in, d_out = in_out_features(module)
+        # W = U diag(sigma) R (R G R^T = I) from the small side's eigendecomposition, as the factors themselves are
+        # computed: no whitener of the (large) input side, independent modules side by side
+        modules = {n: model.get_submodule(n) for n in names}
+
+        def directions_of(n: str):
+            d_in, d_out = in_out_features(modules[n])
             k = scored_rank(Group(n, [n], d_in, d_out))
-            u, s, r = whitened_svd(linear_weight(module), whitener(n), k)
-            directions[n] = (u.float().contiguous(), r.float().contiguous())
-            extra[f"sigma2/{n}"] = (s[:k] ** 2).float()
+            f = factorize_group([linear_weight(modules[n])], stats.gram(n), k, config.damping, n)
+            sigma2 = f.eigenvalues[:k]
+            sigma = sigma2.sqrt()
+            r = f.basis.double() / torch.where(sigma > 0, sigma, torch.ones_like(sigma))[:, None]
+            return f.coefficients[0].contiguous(), r.float().contiguous(), sigma2.float()
+
+        directions, extra = {}, {}
+        with closing(map_decompositions(directions_of, names)) as done:
+            for n, (u, r, sigma2) in zip(tqdm(names, desc="fisher directions", unit="module", disable=not progress),
+                                         done):
+                directions[n] = (u, r)
+                extra[f"sigma2/{n}"] = sigma2
         return FisherPlan(directions, "diagonal", "fisher", extra=extra)
 
     def _check_new_adapter_config(self, config) -> None:
