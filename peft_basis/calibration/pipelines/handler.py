@@ -51,6 +51,10 @@ class LayerContext:
     targets: dict[str, nn.Module]  # full module name -> module, inside this layer
     stats: CalibrationStatistics = field(default_factory=CalibrationStatistics)
     pipeline: object = None  # the LayerSequentialPipeline running it
+    # with ``LayerHandler.capture_dense_inputs``: the targets grouped by the tensor they read, in call order, and
+    # per batch the dense input of each group's first member (tokens x d_in, padding removed, float32)
+    stages: list[list[str]] | None = None
+    dense_inputs: dict[int, dict[str, torch.Tensor]] | None = None
 
     def inputs(self, stream: str) -> list[torch.Tensor]:
         """This layer's inputs on ``stream`` (``"dense"`` / ``"compressed"``), one tensor per batch."""
@@ -76,11 +80,14 @@ class LayerHandler:
     - ``gram_stream``: which stream the targets' input Grams are streamed on before
       ``on_layer_calibrated`` (``None``: none; the handler computes what it needs itself).
     - ``needs_backward``: keep every layer's dense inputs and run the backward sweep after the forward one.
+    - ``capture_dense_inputs``: capture the targets' inputs on the dense stream in the pass that computes the
+      dense outputs (``LayerContext.stages`` / ``dense_inputs``), instead of a pass of the handler's own.
     """
 
     streams: str = "dense"
     gram_stream: str | None = "dense"
     needs_backward: bool = False
+    capture_dense_inputs: bool = False
 
     def on_start(self, run: PipelineRun) -> None:
         pass

@@ -36,102 +36,19 @@ from itertools import islice
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers.pytorch_utils import Conv1D
 
 from ...errors import CalibrationError
-from ...io import ShardedCheckpoint, materialize, meta_model, release, set_tensor, trim_memory
-from ...modules import layer_index, linear_weight
+from ...modules import layer_index
 from ..grams import GramCollector, backbone, batch_to_kwargs
 from ..statistics import CalibrationStatistics
 from .activations import ActivationCache
 from .backward import backward_sweep
 from .handler import CallArgs, LayerContext, LayerHandler, PipelineRun
+from .layer_sources import CheckpointLayers, MemoryLayers
 
 __all__ = ["LayerContext", "LayerHandler", "LayerSequentialPipeline", "STREAMS"]
 
 STREAMS = ("dense", "compressed", "both")
-
-
-# ---- where the layers come from ----------------------------------------------------------------------
-class CheckpointLayers:
-    """Layers read from a safetensors checkpoint into a model built on the meta device, one at a time."""
-
-    def __init__(self, model_path: str, dtype: torch.dtype | None, device):
-        self.model_path, self.dtype, self.device = model_path, dtype, device
-        self.model = meta_model(model_path, dtype)
-        self._outside: list[str] = []
-
-    def onload_layer(self, layer: nn.Module, prefix: str) -> None:
-        ckpt = ShardedCheckpoint(self.model_path)
-        materialize(layer, prefix, ckpt, self.dtype, self.device)
-        ckpt.close()  # unmap the shard: its pages would otherwise stay in this process's RSS
-
-    def offload_layer(self, layer: nn.Module) -> None:
-        release(layer)
-        trim_memory()
-
-    def read_weight(self, module_name: str) -> torch.Tensor:
-        ckpt = ShardedCheckpoint(self.model_path)
-        w = ckpt.get(module_name + ".weight", self.dtype)
-        ckpt.close()
-        return w.T if isinstance(self.model.get_submodule(module_name), Conv1D) else w
-
-    def onload_outside(self, layer_prefix: str, with_head: bool) -> None:
-        """Everything outside the decoder layers: the embeddings, and (``with_head``) the final norm and LM head.
-        Without the head, the output embedding is skipped unless the checkpoint stores it separately (the LM
-        head is not run; for a tied model it is the input embedding anyway)."""
-        model = self.model
-        ckpt = ShardedCheckpoint(self.model_path)
-        if with_head:
-            names = [n for n, _ in model.named_parameters() if not n.startswith(layer_prefix) and n in ckpt]
-        else:
-            out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-            out_ids = {id(p) for p in out_emb.parameters()} if out_emb is not None else set()
-            names = [n for n, p in model.named_parameters() if not n.startswith(layer_prefix)
-                     and (id(p) not in out_ids or n in ckpt)]
-        for n in names:
-            set_tensor(model, n, ckpt.get(n, self.dtype).to(self.device))
-        ckpt.close()
-        self._outside = names
-        self._tied_head = None
-        if with_head:
-            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-            if head is not None and head.weight.device.type == "meta":  # tied: not in the checkpoint
-                head.weight = model.get_input_embeddings().weight
-                self._tied_head = head
-
-    def offload_outside(self) -> None:
-        if self._tied_head is not None:
-            self._tied_head.weight = nn.Parameter(torch.empty_like(self._tied_head.weight, device="meta"),
-                                                  requires_grad=False)
-            self._tied_head = None
-        for n in self._outside:
-            p = self.model.get_parameter(n)
-            set_tensor(self.model, n, torch.empty_like(p, device="meta"))
-        self._outside = []
-        trim_memory()
-
-
-class MemoryLayers:
-    """Layers of a model already in memory: onloading and offloading are no-ops."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def onload_layer(self, layer, prefix) -> None:
-        pass
-
-    def offload_layer(self, layer) -> None:
-        pass
-
-    def read_weight(self, module_name: str) -> torch.Tensor:
-        return linear_weight(self.model.get_submodule(module_name)).detach()
-
-    def onload_outside(self, layer_prefix: str, with_head: bool) -> None:
-        pass
-
-    def offload_outside(self) -> None:
-        pass
 
 
 def layers_container(model: nn.Module, target_names: list[str]) -> tuple[str, nn.ModuleList]:
@@ -152,6 +69,22 @@ def layers_container(model: nn.Module, target_names: list[str]) -> tuple[str, nn
 
 class _Captured(Exception):
     pass
+
+
+def _input_hook(name: str, got: dict, token_mask: torch.Tensor | None, wanted: int | None = None):
+    """A forward pre-hook that stores a module's input in ``got[name]`` (tokens x d_in, padding removed,
+    float32); with ``wanted``, it stops the forward (``_Captured``) once ``got`` holds that many."""
+
+    def pre_hook(_module, args, kwargs=None):
+        x = args[0] if args else next(iter(kwargs.values()))
+        flat = x.detach().reshape(-1, x.shape[-1])
+        if token_mask is not None and token_mask.numel() == flat.shape[0]:
+            flat = flat[token_mask]
+        got[name] = flat.float()
+        if wanted is not None and len(got) == wanted:
+            raise _Captured
+
+    return pre_hook
 
 
 # ---- the pipeline ----------------------------------------------------------------------------------
@@ -184,6 +117,7 @@ class LayerSequentialPipeline:
         self.activations, self.saved_inputs, self.scratch_dir = activations, saved_inputs, scratch_dir
         self.cache: ActivationCache | None = None
         self.call_args: list[CallArgs] = []
+        self._input_orders: dict[tuple, list[list[str]]] = {}
 
     # -- public ---------------------------------------------------------------------------------------
     def run(self, handler: LayerHandler):
@@ -209,21 +143,52 @@ class LayerSequentialPipeline:
             self.model.train(was_training)
 
     def run_layer(self, layer: nn.Module, stream: str, collector: GramCollector | None = None,
-                  store: str | None = None) -> None:
+                  store: str | None = None, capture: dict[str, nn.Module] | None = None) -> dict[int, dict]:
         """Run ``layer`` on every batch of ``stream`` (streaming ``collector``'s Grams if given); ``store``: the
-        stream the outputs go to (None: dropped)."""
+        stream the outputs go to (None: dropped). ``capture``: modules whose inputs are returned, per batch, as
+        :meth:`capture_inputs` returns them (in the same pass)."""
+        captured: dict[int, dict] = {}
+        handles = []
         with torch.no_grad(), (collector.attached() if collector is not None else contextlib.nullcontext()):
-            for b, call in enumerate(self.call_args):
-                if collector is not None:
-                    collector.start_batch(call.token_mask)
-                out = layer(self.cache.get(stream, b, self.device), *call.args, **call.kwargs)
-                if store is not None:
-                    self.cache.put(store, b, out[0] if isinstance(out, (tuple, list)) else out)
+            try:
+                for b, call in enumerate(self.call_args):
+                    if capture:
+                        got = captured[b] = {}
+                        handles = [m.register_forward_pre_hook(_input_hook(n, got, call.token_mask))
+                                   for n, m in capture.items()]
+                    if collector is not None:
+                        collector.start_batch(call.token_mask)
+                    out = layer(self.cache.get(stream, b, self.device), *call.args, **call.kwargs)
+                    for h in handles:
+                        h.remove()
+                    handles = []
+                    if store is not None:
+                        self.cache.put(store, b, out[0] if isinstance(out, (tuple, list)) else out)
+            finally:
+                for h in handles:
+                    h.remove()
         if collector is not None:
             collector.end_batch()
+        if capture:
+            for got in captured.values():
+                self._check_captured(capture, got, layer)
+        return captured
 
     def input_order(self, layer: nn.Module, modules: dict[str, nn.Module], stream: str = "dense") -> list[list[str]]:
-        """``modules`` grouped by the tensor they read (q/k/v read one), in the order ``layer`` calls them (batch 0)."""
+        """``modules`` grouped by the tensor they read (q/k/v read one), in the order ``layer`` calls them (batch 0).
+        Found once per layer class and set of targets (by their names inside the layer): the decoder layers of
+        one model call their modules alike (a hybrid model is refused before the sweep)."""
+        inside = {id(m): n for n, m in layer.named_modules()}
+        key = (type(layer), tuple(sorted(inside.get(id(m), name) for name, m in modules.items())))
+        known = self._input_orders.get(key)
+        if known is not None:
+            by_inside = {inside.get(id(m), name): name for name, m in modules.items()}
+            return [[by_inside[n] for n in stage] for stage in known]
+        stages = self._input_order(layer, modules, stream)
+        self._input_orders[key] = [[inside.get(id(modules[n]), n) for n in stage] for stage in stages]
+        return stages
+
+    def _input_order(self, layer: nn.Module, modules: dict[str, nn.Module], stream: str) -> list[list[str]]:
         order: list[tuple[str, int]] = []
         seen: dict[int, tuple] = {}  # id(tensor) -> (weakref, input number); the weakref proves it is the same tensor
 
@@ -262,23 +227,10 @@ class LayerSequentialPipeline:
         """Per batch of ``stream``, the inputs of ``modules`` when ``layer`` runs on it (as it is now): yields
         ``(batch_index, {name: tokens x d_in})``, padded tokens removed, in float32. The forward stops as soon
         as every module has been reached, so capturing the first modules of a layer costs little."""
-        wanted = set(modules)
         for b in range(len(self.call_args)) if batches is None else batches:
             call, got = self.call_args[b], {}
-
-            def hook(name):
-                def pre_hook(_module, args, kwargs=None):
-                    x = args[0] if args else next(iter(kwargs.values()))
-                    flat = x.detach().reshape(-1, x.shape[-1])
-                    if call.token_mask is not None and call.token_mask.numel() == flat.shape[0]:
-                        flat = flat[call.token_mask]
-                    got[name] = flat.float()
-                    if len(got) == len(wanted):
-                        raise _Captured
-
-                return pre_hook
-
-            handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+            handles = [m.register_forward_pre_hook(_input_hook(n, got, call.token_mask, len(modules)))
+                       for n, m in modules.items()]
             try:
                 with torch.no_grad():
                     layer(self.cache.get(stream, b, self.device), *call.args, **call.kwargs)
@@ -287,11 +239,15 @@ class LayerSequentialPipeline:
             finally:
                 for h in handles:
                     h.remove()
-            missing = wanted - set(got)
-            if missing:
-                raise CalibrationError(f"{sorted(missing)[:3]} were never called by {type(layer).__name__}; remove "
-                                       "them from `target_modules`.")
+            self._check_captured(modules, got, layer)
             yield b, got
+
+    @staticmethod
+    def _check_captured(modules: dict, got: dict, layer: nn.Module) -> None:
+        missing = set(modules) - set(got)
+        if missing:
+            raise CalibrationError(f"{sorted(missing)[:3]} were never called by {type(layer).__name__}; remove "
+                                   "them from `target_modules`.")
 
     # -- steps ----------------------------------------------------------------------------------------
     def _embed(self, streams: str) -> None:
@@ -346,8 +302,8 @@ class LayerSequentialPipeline:
             self.source.onload_layer(layer, f"{prefix0}{i}.")
             try:
                 targets = {n: model.get_submodule(n) for n in by_layer.get(i, [])}
-                stats = self._layer_grams(layer, i, targets, handler, layer_inputs)
-                ctx = LayerContext(i, f"{prefix0}{i}", layer, targets, stats, self)
+                stats, stages, dense_inputs = self._layer_grams(layer, i, targets, handler, layer_inputs)
+                ctx = LayerContext(i, f"{prefix0}{i}", layer, targets, stats, self, stages, dense_inputs)
                 handler.on_layer_calibrated(ctx)
                 if streams in ("compressed", "both"):  # through the layer as the handler left it
                     self.run_layer(layer, "compressed", store="compressed_out")
@@ -359,23 +315,32 @@ class LayerSequentialPipeline:
             finally:
                 self.source.offload_layer(layer)
 
-    def _layer_grams(self, layer, i, targets, handler, layer_inputs) -> CalibrationStatistics:
+    def _layer_grams(self, layer, i, targets, handler, layer_inputs):
         """The dense outputs are computed here, while the layer is as loaded (``"dense_out"`` until the layer is
-        done); Grams are streamed on ``handler.gram_stream``, in the same pass where that is the dense one."""
+        done); Grams are streamed on ``handler.gram_stream``, in the same pass where that is the dense one, and so
+        are the dense inputs ``handler.capture_dense_inputs`` asks for. Returns the statistics, the stages and
+        the captured inputs (None when not asked for)."""
         collector = GramCollector(targets) if handler.gram_stream is not None and targets else None
+        stages = dense_inputs = None
+        owners = None
+        if handler.capture_dense_inputs and targets and handler.streams in ("dense", "both"):
+            stages = self.input_order(layer, targets)
+            owners = {stage[0]: targets[stage[0]] for stage in stages}
         if layer_inputs is not None:
             for b in range(len(self.call_args)):
                 layer_inputs.put(f"layer_{i}", b, self.cache.get("dense", b))
         if handler.streams in ("dense", "both"):
-            self.run_layer(layer, "dense", collector if handler.gram_stream == "dense" else None, store="dense_out")
+            captured = self.run_layer(layer, "dense", collector if handler.gram_stream == "dense" else None,
+                                      store="dense_out", capture=owners)
+            dense_inputs = captured if owners else None
         if handler.gram_stream == "compressed" and collector is not None:
             self.run_layer(layer, "compressed", collector)
         if collector is None:
-            return CalibrationStatistics()
+            return CalibrationStatistics(), stages, dense_inputs
         never = [n for n in targets if n not in collector.stats.sources]
         if never:
             raise CalibrationError(
                 f"{len(never)} target modules of layer {i} were never called (e.g. {never[:3]}). Remove them from "
                 "`target_modules`."
             )
-        return collector.finalize()
+        return collector.finalize(), stages, dense_inputs

@@ -109,6 +109,7 @@ class AnchoredCompressor(LayerHandler):
 
     streams = "both"
     gram_stream = None
+    capture_dense_inputs = True  # each stage's dense inputs, from the pass that computes the dense outputs
 
     def __init__(self, config: SharedBasisConfig, sink, *, statistics=None):
         if config.group_size not in (1, "auto") and config.shared_modules != []:
@@ -157,15 +158,12 @@ class AnchoredCompressor(LayerHandler):
     def on_layer_calibrated(self, layer) -> None:
         if not layer.targets:
             return
-        pipeline = layer.pipeline
-        stages = pipeline.input_order(layer.layer, layer.targets)
-        owners = {stage[0]: layer.targets[stage[0]] for stage in stages}
-        dense_inputs = {b: got for b, got in pipeline.capture_inputs(layer.layer, "dense", owners)}
+        stages, dense_inputs = layer.stages, layer.dense_inputs
         self._patched: dict[str, nn.Module] = {}
         factors: dict[str, list] = {}
         for stage in stages:
             factors.update(self._fit_stage(layer, stage, dense_inputs))
-        del dense_inputs
+        layer.dense_inputs = dense_inputs = None  # not needed past the fit: freed before the compressed pass
         if self.config.refine_epochs > 0:
             factors = self._refine(layer, factors)
         for name in layer.targets:  # in the order the sink declared them
