@@ -59,6 +59,13 @@ class PhaseSampler:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * self._page
 
+    @staticmethod
+    def anonymous() -> int:
+        """Resident memory that is not mapped file pages (the checkpoint's mapped weights are file pages, which
+        the kernel can drop and read again)."""
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
     def _run(self) -> None:
         last = time.perf_counter()
         while not self._stop.is_set():
@@ -66,11 +73,12 @@ class PhaseSampler:
             now = time.perf_counter()
             phase = (self.open[-1].desc or "unnamed bar").rstrip(": ") if self.open else "between bars"
             if phase not in self.phases:
-                self.phases[phase] = {"seconds": 0.0, "peak_rss": 0}
+                self.phases[phase] = {"seconds": 0.0, "peak_rss": 0, "peak_anon": 0}
                 self.order.append(phase)
             p = self.phases[phase]
             p["seconds"] += now - last
             p["peak_rss"] = max(p["peak_rss"], self.rss())
+            p["peak_anon"] = max(p["peak_anon"], self.anonymous())
             last = now
 
     def __enter__(self):
@@ -101,7 +109,7 @@ def run_config(name: str, ratio: float, threads: int, calib_blocks: int) -> dict
     forward = bare_forward_seconds(model, batches)
     config = peft_basis.SharedBasisConfig(compression_ratio=ratio, **CONFIGS[name])
     sampler = PhaseSampler()
-    base = sampler.rss()
+    base, base_anon = sampler.rss(), sampler.anonymous()
     t0 = time.perf_counter()
     with sampler:
         peft_basis.calibrate(model, config, batches, progress=True)
@@ -109,11 +117,15 @@ def run_config(name: str, ratio: float, threads: int, calib_blocks: int) -> dict
     seconds = time.perf_counter() - t0
     # resident memory before the run is the model and the interpreter; over the model's size it counts as 1.0
     over = lambda rss: (rss - base + model_bytes) / model_bytes  # noqa: E731
+    # anonymous memory above the start: what the compression itself allocated (the model's weights are file pages)
+    anon = lambda a: (a - base_anon) / model_bytes  # noqa: E731
     phases = [{"phase": ph, "seconds": sampler.phases[ph]["seconds"], "x_forward": sampler.phases[ph]["seconds"] / forward,
-               "peak_over_model": over(sampler.phases[ph]["peak_rss"])} for ph in sampler.order]
+               "peak_over_model": over(sampler.phases[ph]["peak_rss"]),
+               "allocated_over_model": anon(sampler.phases[ph]["peak_anon"])} for ph in sampler.order]
     return {"config": name, "ratio": ratio, "threads": threads, "calib_tokens": int(calib.numel()),
             "forward_seconds": forward, "seconds": seconds, "x_forward": seconds / forward,
-            "peak_over_model": max(p["peak_over_model"] for p in phases), "model_mb": model_bytes / 2**20,
+            "peak_over_model": max(p["peak_over_model"] for p in phases),
+            "allocated_over_model": max(p["allocated_over_model"] for p in phases), "model_mb": model_bytes / 2**20,
             "phases": phases}
 
 
@@ -122,13 +134,17 @@ def _md(result: dict) -> str:
            "Written by `benchmarks/profile_compression.py`: calibrate + `get_peft_model` in a fresh process, phase by "
            "phase (the library's progress bars), resident memory sampled every 20 ms. `x forward`: seconds over the "
            "bare forward passes of the decoder over the same calibration batches; `peak / model`: the highest resident "
-           "memory during the phase over the model's own size (the model itself counts 1.0).", ""]
+           "memory during the phase over the model's own size (the model itself counts 1.0); `allocated / model`: the "
+           "highest anonymous memory above the start (what the compression allocated: the model's weights are mapped file "
+           "pages of its checkpoint), over the model's size.", ""]
     for r in result["runs"]:
         out += [f"## {r['config']}, {r['ratio']:.0%} removed", "",
                 f"{r['calib_tokens']:,} calibration tokens, {r['threads']} thread(s); bare forward {r['forward_seconds']:.1f} s; "
                 f"total {r['seconds']:.1f} s = {r['x_forward']:.1f}x the bare forward; peak {r['peak_over_model']:.2f}x "
-                f"the model ({r['model_mb']:.0f} MB).", "", "| phase | seconds | x forward | peak / model |", "|---|---|---|---|"]
-        out += [f"| {p['phase']} | {p['seconds']:.1f} | {p['x_forward']:.2f} | {p['peak_over_model']:.2f} |" for p in r["phases"]]
+                f"the model ({r['model_mb']:.0f} MB), of which allocated {r['allocated_over_model']:.2f}x.", "",
+                "| phase | seconds | x forward | peak / model | allocated / model |", "|---|---|---|---|---|"]
+        out += [f"| {p['phase']} | {p['seconds']:.1f} | {p['x_forward']:.2f} | {p['peak_over_model']:.2f} | "
+                f"{p['allocated_over_model']:.2f} |" for p in r["phases"]]
         out.append("")
     return "\n".join(out)
 
