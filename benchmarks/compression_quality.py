@@ -39,6 +39,9 @@ ROWS = {
                                                      rank_allocation="loss"),
     "anchored, anchor chosen per sub-layer on held-apart batches": dict(group_size=1, inputs="anchored", anchor="auto"),
     "loss-aware ranks, dense inputs": dict(group_size=1, rank_allocation="loss"),
+    "whitened + output Fisher weights": dict(group_size=1, output_weights="fisher"),
+    "anchored + loss-aware ranks + output Fisher weights": dict(group_size=1, inputs="anchored", rank_allocation="loss",
+                                                                output_weights="fisher"),
     "group_size=2 (paper's sharing, dense inputs)": dict(group_size=2),
     "group_size=auto (chosen on held-apart tokens)": dict(group_size="auto"),
 }
@@ -46,6 +49,8 @@ SHORT = {"whitened": "whitened per layer (today, dense inputs)", "compressed": "
          "anchored": "anchored", "refined": "anchored + block refinement", "anchored_loss": "anchored + loss-aware ranks",
          "anchored_auto": "anchored, anchor chosen per sub-layer on held-apart batches",
          "loss": "anchored + refinement + loss-aware ranks", "loss_dense": "loss-aware ranks, dense inputs",
+         "whitened_ow": "whitened + output Fisher weights",
+         "anchored_loss_ow": "anchored + loss-aware ranks + output Fisher weights",
          "g2": "group_size=2 (paper's sharing, dense inputs)", "auto": "group_size=auto (chosen on held-apart tokens)"}
 
 

@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-allocation", default="loss", choices=["uniform", "global", "loss"],
                    help="loss (default): ranks by each direction's estimated loss increase (one backward pass over "
                         "the calibration data); uniform: every module at the ratio's rank")
+    p.add_argument("--output-weights", default=None, choices=["fisher", "none"],
+                   help="fisher (the default, except for --sequential --inputs dense, which cannot): weight each "
+                        "output's error in the fit by the dense model's output Fisher (the same backward pass as "
+                        "--rank-allocation loss); none: every output alike")
     p.add_argument("--calib-domain", default="britannica", help="text domain to calibrate on (peft_basis.data)")
     p.add_argument("--eval-domain", default="britannica", help="text domain to evaluate on (held-apart blocks)")
     p.add_argument("--calib-blocks", type=int, default=32, help="calibration blocks of --seq-len tokens")
@@ -109,11 +113,21 @@ def check_run_args(args) -> None:
     try:
         run_config(args)
     except ValueError as e:
-        raise SystemExit(f"--ratio / --group-size / --anchor / --rank-allocation: {e}") from None
+        raise SystemExit(f"--ratio / --group-size / --anchor / --rank-allocation / --output-weights: {e}") from None
+    if args.sequential and args.inputs == "dense" and output_weights(args) != "none":
+        raise SystemExit("--output-weights fisher with --sequential needs --inputs anchored (or pass --output-weights "
+                         "none).")
     if args.statistics is not None and not os.path.isfile(args.statistics):
         raise SystemExit(f"--statistics {args.statistics}: no such file (a file saved by `peft-basis calibrate`).")
     if os.path.isfile(args.output):
         raise SystemExit(f"--output {args.output} is a file; pass a folder for the adapter.")
+
+
+def output_weights(args) -> str:
+    """--output-weights, or its default: the output Fisher wherever the pipeline supports it."""
+    if args.output_weights is not None:
+        return args.output_weights
+    return "none" if args.sequential and args.inputs == "dense" else "fisher"
 
 
 def run_config(args):
@@ -122,7 +136,7 @@ def run_config(args):
 
     group_size = args.group_size or "1"
     kw = dict(compression_ratio=args.ratio, group_size=group_size if group_size == "auto" else int(group_size),
-              rank_allocation=args.rank_allocation)
+              rank_allocation=args.rank_allocation, output_weights=output_weights(args))
     if args.inputs == "anchored":
         kw.update(inputs="anchored", anchor=args.anchor,
                   refine_epochs=args.refine_epochs)
@@ -168,7 +182,8 @@ def run(argv: list[str] | None = None) -> dict:
         config.anchor, f", {config.refine_epochs} refinement epochs" if config.refine_epochs else "")
         if args.inputs == "anchored" else "whitened on the dense model's inputs")
     print(f"peft-basis {peft_basis.__version__}: Basis Sharing on {model_name}, {args.ratio:.0%} of the targeted "
-          f"parameters removed, {how}, ranks {args.rank_allocation}" + (", from the checkpoint's shards" if args.sequential
+          f"parameters removed, {how}, ranks {args.rank_allocation}"
+          + (", outputs weighted by the loss's Fisher" if config.output_weights == "fisher" else "") + (", from the checkpoint's shards" if args.sequential
                                                                       else ""))
     model, tok = load_model(model_path, num_hidden_layers=args.layers)
     if args.calib_domain == args.eval_domain:
@@ -221,7 +236,8 @@ def run(argv: list[str] | None = None) -> dict:
         "seconds": {"calibrate": t_calib, "calibrate_and_compress": t_total},
         "config": {"compression_ratio": args.ratio, "group_size": config.group_size, "inputs": config.inputs,
                    "anchor": config.anchor, "refine_epochs": config.refine_epochs,
-                   "rank_allocation": args.rank_allocation, "model": model_path, "sequential": args.sequential,
+                   "rank_allocation": args.rank_allocation, "output_weights": config.output_weights,
+                   "model": model_path, "sequential": args.sequential,
                    "calibration_tokens": int(calib.numel())},
         "healing": healing,
     }

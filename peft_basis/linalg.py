@@ -227,22 +227,36 @@ def _small_side(stacked: torch.Tensor, gram: torch.Tensor | None, damping: float
 
 
 def group_spectrum(weights: list[torch.Tensor], gram: torch.Tensor | None, damping: float = DEFAULT_DAMPING,
-                   name: str = "module") -> torch.Tensor:
+                   name: str = "module", output_scales: list[torch.Tensor] | None = None) -> torch.Tensor:
     """The whitened spectrum of a group (squared singular values of ``[W_1; ...; W_n] S^T``, descending,
-    float64), from ``eigvalsh`` alone."""
-    stacked = torch.cat([w.detach().to(torch.float64) for w in weights], dim=0)
+    float64), from ``eigvalsh`` alone (of the rows scaled by ``output_scales``, as :func:`factorize_group`)."""
+    stacked = _scaled_rows(weights, output_scales)
     _, mat, _ = _small_side(stacked, gram, damping, name)
     with decomposition_threads():
         return torch.linalg.eigvalsh(mat).flip(0).clamp_min(0)
 
 
+def _scaled_rows(weights: list[torch.Tensor], output_scales: list[torch.Tensor] | None) -> torch.Tensor:
+    """The members stacked in float64, each row times its output scale (when given)."""
+    if output_scales is None:
+        return torch.cat([w.detach().to(torch.float64) for w in weights], dim=0)
+    return torch.cat([w.detach().to(torch.float64) * s.to(torch.float64)[:, None]
+                      for w, s in zip(weights, output_scales)], dim=0)
+
+
 def factorize_group(weights: list[torch.Tensor], gram: torch.Tensor | None, rank: int,
-                    damping: float = DEFAULT_DAMPING, name: str = "module") -> GroupFactors:
+                    damping: float = DEFAULT_DAMPING, name: str = "module",
+                    output_scales: list[torch.Tensor] | None = None) -> GroupFactors:
     """Rank-``rank`` factors with one input-side basis shared by ``weights`` (each ``d_out x d_in``),
     minimising ``sum_i ||(W_i - C_i B) X^T||_F^2`` where ``X^T X = gram`` (the group's summed input
     Gram; ``None``: plain SVD). Deterministic signs (each basis direction's largest coefficient entry is
-    positive), so the same inputs give the same tensors on any path (whole model or layer by layer)."""
-    stacked = torch.cat([w.detach().to(torch.float64) for w in weights], dim=0)
+    positive), so the same inputs give the same tensors on any path (whole model or layer by layer).
+
+    ``output_scales`` (one positive ``d_out_i`` vector per member): minimise ``sum_i ||S_i (W_i - C_i B)
+    X^T||_F^2`` instead (``S_i`` diagonal): output rows that matter more are fitted better. Exact: the
+    weighted problem is the plain one for ``S_i W_i``, whose coefficients are scaled back by ``S_i^-1``;
+    ``eigenvalues`` are then the weighted spectrum."""
+    stacked = _scaled_rows(weights, output_scales)
     max_rank = min(stacked.shape)
     if not 0 < rank <= max_rank:
         raise ValueError(f"rank {rank} is outside [1, {max_rank}] for a stacked weight of shape {tuple(stacked.shape)}")
@@ -260,7 +274,9 @@ def factorize_group(weights: list[torch.Tensor], gram: torch.Tensor | None, rank
         u = u * keep
     u = u * canonical_signs(u)[None, :]
     basis = u.T @ stacked
-    coefficients = torch.split(u, [w.shape[0] for w in weights], dim=0)
+    coefficients = list(torch.split(u, [w.shape[0] for w in weights], dim=0))
+    if output_scales is not None:
+        coefficients = [c / s.to(torch.float64)[:, None] for c, s in zip(coefficients, output_scales)]
     return GroupFactors(basis.to(torch.float32), [c.to(torch.float32).contiguous() for c in coefficients], lam)
 
 
@@ -338,7 +354,7 @@ def _solve_gram(gram64: torch.Tensor, rhs: torch.Tensor, damping: float, name: s
 
 def anchored_factorize(weights: list[torch.Tensor], grams_s: list[torch.Tensor], crosses: list[torch.Tensor],
                        rank: int, anchor: float, damping: float = DEFAULT_DAMPING, name: str = "module",
-                       ) -> GroupFactors:
+                       output_scales: list[torch.Tensor] | None = None) -> GroupFactors:
     """Rank-``rank`` factors ``W_i ~ C_i B`` (one basis ``B`` shared by the members) minimising
     ``sum_i ||X_b,i W_i^T - Xs_i (C_i B)^T||^2``: each member's output on its anchored target inputs,
     reproduced from its compressed inputs (:func:`anchored_target`).
@@ -347,11 +363,13 @@ def anchored_factorize(weights: list[torch.Tensor], grams_s: list[torch.Tensor],
     factorisation of ``W*`` with ``Gs``). Several members (a shared basis, each with its own ``Gs_i``): the
     basis from the stacked ``W*_i`` in the summed ``Gs`` norm (exact when the ``Gs_i`` are equal), then each
     member's coefficient refitted exactly for that basis in its own norm,
-    ``C_i = W*_i Gs_i B^T (B Gs_i B^T)^-1``."""
+    ``C_i = W*_i Gs_i B^T (B Gs_i B^T)^-1``. ``output_scales``: each member's output error weighted per row, as
+    in :func:`factorize_group` (exact for one member; for several it weights the shared basis's choice, and
+    the refit, row by row, is unchanged by it)."""
     targets = [anchored_target(w, g, c, anchor, damping, name) for w, g, c in zip(weights, grams_s, crosses)]
     if len(targets) == 1:
-        return factorize_group(targets, grams_s[0], rank, damping, name)
-    f = factorize_group(targets, sum(g.to(torch.float64) for g in grams_s), rank, damping, name)
+        return factorize_group(targets, grams_s[0], rank, damping, name, output_scales)
+    f = factorize_group(targets, sum(g.to(torch.float64) for g in grams_s), rank, damping, name, output_scales)
     basis = f.basis.to(torch.float64)
     coefficients = []
     for t, g in zip(targets, grams_s):

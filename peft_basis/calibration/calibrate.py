@@ -148,7 +148,7 @@ class StatisticsHandler(LayerHandler):
             if plan is None:
                 raise ValueError(f"{type(self.config).__name__} as configured needs no Fisher scores.")
             self.plans.append(plan)
-            self.accs.update(accumulators(plan.directions, plan.mode, self.device))
+            self.accs.update(accumulators(plan.directions, plan.mode, self.device, plan.output_moments))
             # finish_fisher only needs their shapes
             self.directions.update({n: tuple(None if t is None else t.to("meta") for t in d)
                                     for n, d in plan.directions.items()})
@@ -167,7 +167,7 @@ class StatisticsHandler(LayerHandler):
         scores = finish_fisher(self.accs, self.directions, self.named, plan.mode, sequences, tokens, self.device,
                                self.merged, plan.key)
         for p in self.plans:
-            p.store(self.merged, {n: scores[n] for n in p.directions})
+            p.store(self.merged, {n: scores[n] for n in p.directions if n in scores})
 
     def on_end(self) -> CalibrationStatistics:
         return self.merged

@@ -18,6 +18,11 @@ Two modes, per module, for ``U`` (``d_out x k``) and ``R`` (``k x d_in``, rows a
 - ``"full"``: the ``k_out x k_in`` matrix ``mean_s (U^T G_s R^T)^2``. ``U=None`` / ``R=None`` mean the
   identity, so ``full`` with both ``None`` is the elementwise empirical Fisher of ``W`` (it forms one
   ``d_out x d_in`` gradient per sequence: use it only where that is cheap).
+- ``"outputs"``: no directions, only the output moments below.
+
+With ``output_moments`` (any mode) each module also accumulates ``mean_t delta_t^2`` per output dimension
+(``d_out`` floats): how much the loss cares about each of its outputs, for methods that weight their fit's
+output error by it (stored under :func:`output_fisher_key`).
 
 This module holds the arithmetic (hooks and accumulators); the pipelines run the backward passes:
 the whole-model one (:func:`~peft_basis.calibration.pipelines.whole_model.collect_fisher`: one forward
@@ -38,14 +43,20 @@ from ..errors import CalibrationError
 from ..modules import in_out_features
 from .statistics import CalibrationStatistics
 
-__all__ = ["FisherPlan", "accumulators", "batch_labels", "finish_fisher", "fisher_key", "sequence_loss"]
+__all__ = ["FisherPlan", "accumulators", "batch_labels", "finish_fisher", "fisher_key", "output_fisher_key",
+           "sequence_loss"]
 
-MODES = ("diagonal", "full")
+MODES = ("diagonal", "full", "outputs")
 
 
 def fisher_key(module_name: str, key: str = "fisher") -> str:
     """Where the Fisher passes store a module's scores in ``CalibrationStatistics.extra``."""
     return f"{key}/{module_name}"
+
+
+def output_fisher_key(module_name: str) -> str:
+    """Where they store a module's output moments ``mean_t delta_t^2`` (``d_out``), with ``output_moments``."""
+    return f"output_fisher/{module_name}"
 
 
 @dataclass
@@ -61,8 +72,11 @@ class FisherPlan:
     reduce_dim: int | None = None
     meta: dict = field(default_factory=dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    output_moments: bool = False
 
     def store(self, stats: CalibrationStatistics, scores: dict[str, torch.Tensor]) -> None:
+        if self.mode == "outputs":  # the moments are stored by finish_fisher; there are no scores
+            scores = {}
         for n, f in scores.items():
             stats.extra[fisher_key(n, self.key)] = f if self.reduce_dim is None else f.sum(self.reduce_dim)
         stats.extra.update(self.extra)
@@ -72,19 +86,28 @@ class FisherPlan:
 class _Accumulator:
     """One module's running sum of squared per-sequence directional gradients."""
 
-    def __init__(self, U: torch.Tensor | None, R: torch.Tensor | None, mode: str):
+    def __init__(self, U: torch.Tensor | None, R: torch.Tensor | None, mode: str, output_moments: bool = False):
         self.U, self.R, self.mode = U, R, mode
         self.scores: torch.Tensor | None = None
+        self.output_moments = output_moments
+        self.moments: torch.Tensor | None = None  # sum over tokens of delta_t^2, per output
 
     def hook(self, module, args, output) -> None:
         """Forward hook: project the input now (``tokens x k``), finish when the output's gradient arrives."""
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
-        x = args[0].detach().float()
-        b = x if self.R is None else x @ self.R.T
-        b = b.reshape(output.shape[0], -1, b.shape[-1])
+        b = None
+        if self.mode != "outputs":
+            x = args[0].detach().float()
+            b = x if self.R is None else x @ self.R.T
+            b = b.reshape(output.shape[0], -1, b.shape[-1])
 
         def grad_hook(grad: torch.Tensor) -> None:
+            if self.output_moments:  # padded tokens carry no loss, so their gradient is zero
+                m = grad.detach().double().pow(2).reshape(-1, grad.shape[-1]).sum(0)
+                self.moments = m if self.moments is None else self.moments + m
+            if b is None:
+                return
             a = grad.float() if self.U is None else grad.float() @ self.U
             a = a.reshape(b.shape[0], -1, a.shape[-1])
             g = (a * b).sum(1) if self.mode == "diagonal" else torch.einsum("btk,btj->bkj", a, b)
@@ -94,7 +117,7 @@ class _Accumulator:
         output.register_hook(grad_hook)
 
 
-def accumulators(directions: dict, mode: str, device) -> dict[str, _Accumulator]:
+def accumulators(directions: dict, mode: str, device, output_moments: bool = False) -> dict[str, _Accumulator]:
     """One checked :class:`_Accumulator` per module of ``directions`` (``name -> (U, R)``)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -102,7 +125,7 @@ def accumulators(directions: dict, mode: str, device) -> dict[str, _Accumulator]
         if mode == "diagonal" and (U is None or R is None or U.shape[1] != R.shape[0]):
             raise ValueError(f"{n}: the diagonal mode needs U (d_out x k) and R (k x d_in) with the same k.")
     return {n: _Accumulator(None if U is None else U.detach().float().to(device),
-                            None if R is None else R.detach().float().to(device), mode)
+                            None if R is None else R.detach().float().to(device), mode, output_moments)
             for n, (U, R) in directions.items()}
 
 
@@ -155,6 +178,17 @@ def finish_fisher(accs: dict[str, _Accumulator], directions, modules: dict[str, 
     result = {}
     for n in sorted(accs):
         acc = accs[n]
+        if acc.output_moments:
+            if acc.moments is None:
+                if not distributed:
+                    raise CalibrationError(f"Fisher scores: {n} received no gradient (it does not influence the loss).")
+                acc.moments = torch.zeros(in_out_features(modules[n])[1], dtype=torch.float64, device=device)
+            if distributed:
+                torch.distributed.all_reduce(acc.moments)
+            if stats is not None:
+                stats.extra[output_fisher_key(n)] = (acc.moments / max(int(counts_t[1]), 1)).float().cpu()
+        if acc.mode == "outputs":
+            continue
         if acc.scores is None:
             U, R = directions[n]
             d_in, d_out = in_out_features(modules[n])

@@ -41,7 +41,8 @@ class WholeModelPipeline:
 
     def fisher(self, plan, stats: CalibrationStatistics) -> dict[str, torch.Tensor]:
         return collect_fisher(self.model, plan.directions, self.dataloader, mode=plan.mode,
-                              max_batches=self.max_batches, progress=self.progress, stats=stats, key=plan.key)
+                              max_batches=self.max_batches, progress=self.progress, stats=stats, key=plan.key,
+                              output_moments=plan.output_moments)
 
 
 def collect_grams(
@@ -101,6 +102,7 @@ def collect_fisher(
     progress: bool = True,
     stats: CalibrationStatistics | None = None,
     key: str = "fisher",
+    output_moments: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Empirical Fisher scores of the given directions of every module in ``directions``
     (``name -> (U, R)``, ``U`` ``d_out x k`` or None, ``R`` ``k x d_in`` or None; see the module doc).
@@ -109,7 +111,8 @@ def collect_fisher(
     ``input_ids`` (padding masked by ``attention_mask``). Returns ``name -> float32 scores`` (mean over
     the sequences that have at least one labelled token) and, with ``stats``, stores them in
     ``stats.extra[fisher_key(name, key)]`` with the sequence count in ``stats.meta[key + "_sequences"]``,
-    so they are saved and loaded with the rest of the statistics.
+    so they are saved and loaded with the rest of the statistics. ``output_moments``: also each module's
+    ``mean_t delta_t^2`` per output, in ``stats.extra[output_fisher_key(name)]``.
     """
     named = dict(model.named_modules())
     missing = [n for n in directions if n not in named]
@@ -119,7 +122,7 @@ def collect_fisher(
     if embeddings is None:
         raise ValueError("collect_fisher needs a model with `get_input_embeddings()` (a transformers model).")
     device = model_device(model)
-    accs = accumulators(directions, mode, device)
+    accs = accumulators(directions, mode, device, output_moments)
 
     def embed_hook(module, args, output):
         return output.requires_grad_(True) if not output.requires_grad else output

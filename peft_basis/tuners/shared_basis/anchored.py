@@ -37,7 +37,7 @@ from ...linalg import anchored_error, anchored_factorize
 from ...modules import in_out_features, linear_weight
 from ..factorized import factorized_forward
 from .config import SharedBasisConfig
-from .grouping import allocate_ranks, by_type, plan_groups, uniform_rank
+from .grouping import allocate_ranks, by_type, output_scales, plan_groups, uniform_rank
 
 __all__ = ["AnchoredCompressor", "held_apart_batches"]
 
@@ -193,6 +193,7 @@ class AnchoredCompressor(LayerHandler):
         fit.all_reduce()
         held.all_reduce()
         weights = {m: linear_weight(layer.targets[m]).detach() for m in stage}
+        scales = {m: output_scales(self.statistics, [m], config) for m in stage}  # None unless output_weights="fisher"
         candidates = [config.anchor] if config.anchor != "auto" else list(config.anchor_candidates)
         best = None
         if len(candidates) > 1 and held.tokens > 0:
@@ -200,7 +201,7 @@ class AnchoredCompressor(LayerHandler):
                 err = 0.0
                 for m in stage:
                     f = anchored_factorize([weights[m]], [fit.gram_s], [fit.cross], self.rank_of[m], a,
-                                           config.damping, m)
+                                           config.damping, m, scales[m])
                     err += anchored_error(weights[m], f.coefficients[0], f.basis, held.gram, held.cross, held.gram_s)
                 if best is None or err < best[0]:
                     best = (err, a)
@@ -211,7 +212,7 @@ class AnchoredCompressor(LayerHandler):
         out = {}
         for m in stage:
             f = anchored_factorize([weights[m]], [every.gram_s], [every.cross], self.rank_of[m], anchor,
-                                   config.damping, m)
+                                   config.damping, m, scales[m])
             basis, coef = f.basis, f.coefficients[0]
             held_err = (anchored_error(weights[m], coef, basis, held.gram, held.cross, held.gram_s)
                         if held.tokens else None)

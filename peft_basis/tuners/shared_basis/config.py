@@ -67,6 +67,13 @@ class SharedBasisConfig(PeftBasisConfig):
             factorised, its factors are trained jointly with Adam (``refine_epochs`` passes over the fitted
             batches, cosine-decayed ``refine_lr``) so the layer's output on the compressed model's inputs
             matches the dense layer's output on the dense inputs. ``0``: off.
+        output_weights: how each module's output error is weighted in its fit. ``"none"``: every output
+            dimension alike (the paper, SVD-LLM). ``"fisher"``: output dimension ``j`` weighted by
+            ``F_j ** output_weight_power``, ``F_j = mean_t (dL/dy_j)^2`` the dense model's empirical Fisher of that
+            output (the loss's sensitivity to it): ``calibrate`` then runs backward passes too, as for
+            ``rank_allocation="loss"``. With ``inputs="dense"`` or ``"anchored"``; not with ``compress_sequential``'s
+            dense/compressed-input compressor.
+        output_weight_power: the exponent of ``output_weights="fisher"`` (``1``: the Fisher itself, ``0``: none).
         keep_dense_weight: keep the original dense weights in memory (needed for
             ``disable_adapter()``); off by default, since dropping them is what makes the model smaller.
         groups: filled at creation: group key -> member module names. With ``rank_pattern`` it lets
@@ -90,6 +97,8 @@ class SharedBasisConfig(PeftBasisConfig):
     holdout_fraction: float = field(default=0.25, metadata={"help": "Calibration batches held apart for choices."})
     refine_epochs: int = field(default=0, metadata={"help": "Block refinement epochs (0: off)."})
     refine_lr: float = field(default=1e-4, metadata={"help": "Block refinement learning rate."})
+    output_weights: str = field(default="none", metadata={"help": "'none' or 'fisher': output error weighting."})
+    output_weight_power: float = field(default=0.5, metadata={"help": "Exponent of the output Fisher weights."})
 
     filled_fields = PeftBasisConfig.filled_fields + ("groups",)
 
@@ -124,6 +133,10 @@ class SharedBasisConfig(PeftBasisConfig):
                hint="the share of calibration batches held apart for choices, e.g. 0.25 (0: none).")
         number(self, "refine_epochs", low=0, integer=True, hint="block refinement epochs (0: off).")
         number(self, "refine_lr", low=0, low_open=True, hint="block refinement learning rate, e.g. 1e-4.")
+        choice(self, "output_weights", ("none", "fisher"),
+               hint="'fisher' weights each output's error by the loss's sensitivity to it.")
+        number(self, "output_weight_power", low=0, high=2, meaning="the exponent of the output Fisher weights",
+               hint="0.5 by default; 1 weights by the Fisher itself.")
         if isinstance(self.shared_modules, set):
             self.shared_modules = sorted(self.shared_modules)
         if self.shared_modules is not None and (

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ...budget import greedy_allocate, max_profitable_rank, rank_for_ratio
+from ...calibration.fisher import output_fisher_key
 from ...errors import ConfigError
 from ...modules import layer_index, module_type
 from .config import DEFAULT_SHARED_MODULES, SharedBasisConfig
@@ -183,6 +184,26 @@ def loss_scores(groups: list[Group], stats) -> list[torch.Tensor]:
                              "(the backward passes compute them).")
         out.append(_concave_steps(0.5 * stats.extra[sig].double() * stats.extra[key].double().clamp_min(0)))
     return out
+
+
+def output_scales(stats, members: list[str], config: SharedBasisConfig) -> list[torch.Tensor] | None:
+    """Per member, the row scales of ``output_weights="fisher"`` (``None`` when off): ``F ** (power / 2)``, so the
+    squared error of output ``j`` is weighted by ``F_j ** power``. ``F`` is floored at 1e-3 of its mean (an output
+    the calibration never moved still counts a little) and the scales are normalised to mean 1."""
+    if config.output_weights == "none" or config.output_weight_power == 0:
+        return None
+    scales = []
+    for m in members:
+        key = output_fisher_key(m)
+        if stats is None or key not in stats.extra:
+            raise ValueError(f"output_weights='fisher' needs the dense model's output Fisher of {m}: call "
+                             "`peft_basis.calibrate(model, config, dataloader)` with this config (it runs the backward "
+                             "passes).")
+        f = stats.extra[key].double().clamp_min(0)
+        f = f + 1e-3 * f.mean().clamp_min(1e-300)
+        s = f.pow(config.output_weight_power / 2)
+        scales.append(s / s.mean())
+    return scales
 
 
 def _concave_steps(scores: torch.Tensor) -> torch.Tensor:

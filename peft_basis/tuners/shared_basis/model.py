@@ -39,15 +39,16 @@ from .grouping import (
     by_type,
     chunk,
     group_gram,
+    output_scales,
     plan_groups,
     rank_bounds,
     record_groups,
-    scored_rank,
     uniform_rank,
 )
 from .anchored import AnchoredCompressor, held_apart_batches
 from .auto import keep_selection_tokens, selection_batches
 from .layer import SharedBasisLayer, saved_basis_name, saved_coefficient_name
+from .scores import fisher_plan
 from .sequential import AdapterSink, SharedBasisLayerCompressor, StatisticsSink
 
 
@@ -82,6 +83,9 @@ class SharedBasisModel(PeftBasisTuner):
             if options:
                 raise TypeError(f"inputs='anchored' takes no {sorted(options)}.")
             return AnchoredCompressor(config, AdapterSink(output_dir), statistics=statistics)
+        if config.output_weights != "none":
+            raise ValueError("compress_sequential with output_weights='fisher' needs inputs='anchored'; for dense inputs "
+                             "use calibrate + get_peft_model (the whole model in memory).")
         if config.rank_allocation == "loss":
             raise ValueError("compress_sequential with rank_allocation='loss' needs inputs='anchored'; for dense "
                              "inputs use calibrate + get_peft_model (the whole model in memory).")
@@ -97,34 +101,16 @@ class SharedBasisModel(PeftBasisTuner):
     # ---- calibration: Fisher scores of each module's directions, for rank_allocation="loss" --------------
     @classmethod
     def needs_fisher(cls, config) -> bool:
-        return isinstance(config, SharedBasisConfig) and config.rank_allocation == "loss"
+        return isinstance(config, SharedBasisConfig) and (config.rank_allocation == "loss"
+                                                          or config.output_weights != "none")
 
     @classmethod
     def fisher_plan(cls, model, config, names: list[str], stats, *, progress: bool = False) -> FisherPlan | None:
-        """Each module's leading whitened directions (``W = U diag(sigma) R``, dense-input Grams), as many as
-        can be kept profitably; the Fisher of each direction's scale is what dropping it costs in loss."""
+        """What the backward passes score (:func:`.scores.fisher_plan`): each module's whitened directions for
+        loss-aware ranks, its output Fisher for output weights."""
         if not cls.needs_fisher(config):
             return None
-        # W = U diag(sigma) R (R G R^T = I) from the small side's eigendecomposition, as the factors themselves are
-        # computed: no whitener of the (large) input side, independent modules side by side
-        modules = {n: model.get_submodule(n) for n in names}
-
-        def directions_of(n: str):
-            d_in, d_out = in_out_features(modules[n])
-            k = scored_rank(Group(n, [n], d_in, d_out))
-            f = factorize_group([linear_weight(modules[n])], stats.gram(n), k, config.damping, n)
-            sigma2 = f.eigenvalues[:k]
-            sigma = sigma2.sqrt()
-            r = f.basis.double() / torch.where(sigma > 0, sigma, torch.ones_like(sigma))[:, None]
-            return f.coefficients[0].contiguous(), r.float().contiguous(), sigma2.float()
-
-        directions, extra = {}, {}
-        with closing(map_decompositions(directions_of, names)) as done:
-            for n, (u, r, sigma2) in zip(tqdm(names, desc="fisher directions", unit="module", disable=not progress),
-                                         done):
-                directions[n] = (u, r)
-                extra[f"sigma2/{n}"] = sigma2
-        return FisherPlan(directions, "diagonal", "fisher", extra=extra)
+        return fisher_plan(model, config, names, stats, progress)
 
     def _check_new_adapter_config(self, config) -> None:
         super()._check_new_adapter_config(config)
@@ -226,6 +212,9 @@ class SharedBasisModel(PeftBasisTuner):
         def weights(g: Group) -> list[torch.Tensor]:
             return [linear_weight(modules[m]).detach() for m in g.members]
 
+        def scales(g: Group) -> list[torch.Tensor] | None:  # output_weights="fisher": each output row's weight
+            return output_scales(stats, g.members, config)
+
         def gram(members: list[str]) -> torch.Tensor | None:
             if stats is None:
                 return None
@@ -250,7 +239,7 @@ class SharedBasisModel(PeftBasisTuner):
             (each member on its OWN Gram: the summed group Gram would flatter sharing)."""
             if f is None:
                 g_gram = gram(g.members) if g_gram is None else g_gram
-                f = factorize_group(weights(g), g_gram, rank, config.damping, g.members[0])
+                f = factorize_group(weights(g), g_gram, rank, config.damping, g.members[0], scales(g))
             errs: dict[int, list[float]] = {k: [] for k in eval_ranks}
             refs = []
             if len(g.members) == 1:  # the member's Gram is the group's: errors are the discarded spectrum
@@ -303,10 +292,11 @@ class SharedBasisModel(PeftBasisTuner):
                     pre: dict[str, GroupFactors] = {}
                     for g, cap in zip(plan, caps):
                         if config.rank_allocation == "uniform":  # ranks <= cap: factorise once, at the cap
-                            pre[g.key] = factorize_group(weights(g), gram(g.members), cap, config.damping, g.members[0])
+                            pre[g.key] = factorize_group(weights(g), gram(g.members), cap, config.damping, g.members[0],
+                                                            scales(g))
                             spectra[g.key] = normalised_spectrum(pre[g.key].eigenvalues)
                         elif g.key not in spectra:
-                            lam = group_spectrum(weights(g), gram(g.members), config.damping)
+                            lam = group_spectrum(weights(g), gram(g.members), config.damping, g.members[0], scales(g))
                             spectra[g.key] = normalised_spectrum(lam)
                     plan_ranks = allocate_ranks(plan, config, lambda g: spectra[g.key])
                     total, found = 0.0, {}
@@ -360,7 +350,8 @@ class SharedBasisModel(PeftBasisTuner):
                 ranks = allocate_ranks(groups, config, lambda g: spectra[g.key])
             else:
                 for g in tqdm(groups, desc="spectra", unit="group"):
-                    spectra[g.key] = normalised_spectrum(group_spectrum(weights(g), gram(g.members), config.damping))
+                    spectra[g.key] = normalised_spectrum(group_spectrum(weights(g), gram(g.members), config.damping,
+                                                                        g.members[0], scales(g)))
                 ranks = allocate_ranks(groups, config, lambda g: spectra[g.key], stats)
                 jobs = ((g, r, [r], gram(g.members)) for g, r in zip(groups, ranks))
                 with closing(map_decompositions(lambda job: factorise(*job[:3], g_gram=job[3]), jobs)) as done:
