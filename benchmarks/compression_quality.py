@@ -42,6 +42,8 @@ ROWS = {
     "whitened + output Fisher weights": dict(group_size=1, output_weights="fisher"),
     "anchored + loss-aware ranks + output Fisher weights": dict(group_size=1, inputs="anchored", rank_allocation="loss",
                                                                 output_weights="fisher"),
+    "anchored + loss-aware ranks + output Fisher weights, power 1": dict(
+        group_size=1, inputs="anchored", rank_allocation="loss", output_weights="fisher", output_weight_power=1.0),
     "group_size=2 (paper's sharing, dense inputs)": dict(group_size=2),
     "group_size=auto (chosen on held-apart tokens)": dict(group_size="auto"),
 }
@@ -51,6 +53,7 @@ SHORT = {"whitened": "whitened per layer (today, dense inputs)", "compressed": "
          "loss": "anchored + refinement + loss-aware ranks", "loss_dense": "loss-aware ranks, dense inputs",
          "whitened_ow": "whitened + output Fisher weights",
          "anchored_loss_ow": "anchored + loss-aware ranks + output Fisher weights",
+         "anchored_loss_ow1": "anchored + loss-aware ranks + output Fisher weights, power 1",
          "g2": "group_size=2 (paper's sharing, dense inputs)", "auto": "group_size=auto (chosen on held-apart tokens)"}
 
 
@@ -176,7 +179,7 @@ def _md(result: dict) -> str:
               "over the calibration batches, and peak memory over the model's size:\n",
               "| row | ratio | seconds | x bare forward | peak / model | stored fraction | notes |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        notes = ", ".join(f"{k}: {r[k]}" for k in ("anchors", "layers_refined", "group_sizes") if k in r)
+        notes = ", ".join(f"{k}: {r[k]}" for k in ("anchors", "layers_refined", "group_sizes", "note") if k in r)
         lines.append(f"| {r['row']} | {r['ratio']:.0%} | {r['seconds']:.0f} | {r['cost_over_forward']:.1f} | "
                      f"{r['peak_over_model']:.2f} | {r['stored_fraction']:.4f} | {notes} |")
     return "\n".join(lines) + "\n"
@@ -189,7 +192,7 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
     for ax, text in zip(axes, ("britannica", "pydoc")):
         for name in ROWS:
             pts = sorted((r["ratio"], r[text]) for r in result["rows"] if r["row"] == name)
@@ -203,8 +206,9 @@ def plot(result: dict, path: str) -> None:
         ax.set(yscale="log", xlabel="% of the targeted parameters removed", ylabel="perplexity (held apart)",
                title=f"{text} (dense {result['dense'][text]:.2f})")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)  # below: off the lines
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=110)
 
