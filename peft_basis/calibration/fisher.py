@@ -75,8 +75,6 @@ class FisherPlan:
     output_moments: bool = False
 
     def store(self, stats: CalibrationStatistics, scores: dict[str, torch.Tensor]) -> None:
-        if self.mode == "outputs":  # the moments are stored by finish_fisher; there are no scores
-            scores = {}
         for n, f in scores.items():
             stats.extra[fisher_key(n, self.key)] = f if self.reduce_dim is None else f.sum(self.reduce_dim)
         stats.extra.update(self.extra)

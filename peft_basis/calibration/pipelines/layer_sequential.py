@@ -148,30 +148,26 @@ class LayerSequentialPipeline:
         stream the outputs go to (None: dropped). ``capture``: modules whose inputs are returned, per batch, as
         :meth:`capture_inputs` returns them (in the same pass)."""
         captured: dict[int, dict] = {}
-        handles = []
         with torch.no_grad(), (collector.attached() if collector is not None else contextlib.nullcontext()):
-            try:
-                for b, call in enumerate(self.call_args):
-                    if capture:
-                        got = captured[b] = {}
-                        handles = [m.register_forward_pre_hook(_input_hook(n, got, call.token_mask))
-                                   for n, m in capture.items()]
+            for b, call in enumerate(self.call_args):
+                got = captured[b] = {} if capture else None
+                handles = [m.register_forward_pre_hook(_input_hook(n, got, call.token_mask))
+                           for n, m in (capture or {}).items()]
+                try:
                     if collector is not None:
                         collector.start_batch(call.token_mask)
                     out = layer(self.cache.get(stream, b, self.device), *call.args, **call.kwargs)
+                finally:
                     for h in handles:
                         h.remove()
-                    handles = []
-                    if store is not None:
-                        self.cache.put(store, b, out[0] if isinstance(out, (tuple, list)) else out)
-            finally:
-                for h in handles:
-                    h.remove()
+                if store is not None:
+                    self.cache.put(store, b, out[0] if isinstance(out, (tuple, list)) else out)
         if collector is not None:
             collector.end_batch()
-        if capture:
-            for got in captured.values():
-                self._check_captured(capture, got, layer)
+        if not capture:
+            return {}
+        for got in captured.values():
+            self._check_captured(capture, got, layer)
         return captured
 
     def input_order(self, layer: nn.Module, modules: dict[str, nn.Module], stream: str = "dense") -> list[list[str]]:
@@ -321,8 +317,7 @@ class LayerSequentialPipeline:
         are the dense inputs ``handler.capture_dense_inputs`` asks for. Returns the statistics, the stages and
         the captured inputs (None when not asked for)."""
         collector = GramCollector(targets) if handler.gram_stream is not None and targets else None
-        stages = dense_inputs = None
-        owners = None
+        stages = owners = dense_inputs = None
         if handler.capture_dense_inputs and targets and handler.streams in ("dense", "both"):
             stages = self.input_order(layer, targets)
             owners = {stage[0]: targets[stage[0]] for stage in stages}
@@ -332,7 +327,7 @@ class LayerSequentialPipeline:
         if handler.streams in ("dense", "both"):
             captured = self.run_layer(layer, "dense", collector if handler.gram_stream == "dense" else None,
                                       store="dense_out", capture=owners)
-            dense_inputs = captured if owners else None
+            dense_inputs = captured or None
         if handler.gram_stream == "compressed" and collector is not None:
             self.run_layer(layer, "compressed", collector)
         if collector is None:
