@@ -65,6 +65,9 @@ def parse():
                    help="basel_anchored's initial_keep (default: BaselConfig's, min(1, 1.5 x keep))")
     p.add_argument("--extra-rank", type=int, default=32)
     p.add_argument("--rank-allocation", default="global", choices=["global", "uniform"], help="Basel's pruning")
+    p.add_argument("--anchored-fit", type=json.loads, default={},
+                   help="options of the anchored fit (anchored, basel_anchored*) as JSON, e.g. "
+                        "'{\"rank_allocation\": \"loss\", \"output_weights\": \"fisher\"}' (BaselConfig.anchored_fit)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--out", default=os.path.join(HERE, "results", "basel"))
@@ -140,7 +143,9 @@ def write_markdown(res, path):
              f"training tokens, {s['val_tokens']:,} validation tokens (learning rate choice), {s['eval_tokens']:,} "
              f"held-apart evaluation tokens; {s['other_domain']}: {s['other_tokens']:,} held-apart tokens. Every run: "
              f"{s['steps']} steps of DistillationTrainer (KL from the dense model) on the same batches "
-             f"({s['batch']}x{s['seq']}), AdamW, cosine schedule. Threads: {s['threads']}.",
+             f"({s['batch']}x{s['seq']}), AdamW, cosine schedule. Threads: {s['threads']}."
+             + (f" Anchored fit options (anchored, basel_anchored*): `{json.dumps(s['anchored_fit'])}`."
+                if s.get("anchored_fit") else ""),
              "",
              f"Dense model perplexity: {s['domain']} {res['dense']['ppl']:.2f}, {s['other_domain']} "
              f"{res['dense']['ppl_other']:.2f}.",
@@ -214,7 +219,7 @@ def main():
         with open(args.out + ".json") as f:
             old = json.load(f)
         same = ("domain", "other_domain", "layers", "steps", "part1", "seq", "batch", "train_blocks", "val_blocks",
-                "eval_blocks", "initial_keep", "extra_rank", "rank_allocation")
+                "eval_blocks", "initial_keep", "extra_rank", "rank_allocation", "anchored_fit")
         differ = [k for k in same if old["setup"].get(k) != res["setup"][k]]
         if differ:
             raise SystemExit(f"--append: {args.out}.json was run with other settings ({differ}); use another --out")
@@ -255,7 +260,8 @@ def main():
                 cfg.attach_statistics(grams)
             else:
                 cfg = BaselConfig(init="anchored", keep_ratio=min(keep, initial_keep), initial_keep=initial_keep,
-                                  extra_rank=args.extra_rank, rank_allocation=args.rank_allocation, **targets)
+                                  extra_rank=args.extra_rank, rank_allocation=args.rank_allocation,
+                                  anchored_fit=args.anchored_fit, **targets)
                 peft_basis.calibrate(model, cfg, calib, progress=False)
             pm = get_peft_model(copy.deepcopy(model), cfg)
             seconds = time.perf_counter() - t
@@ -278,7 +284,8 @@ def main():
                 before, extra = None, {}
                 if method in ("sb1", "anchored"):
                     cfg = SharedBasisConfig(compression_ratio=1 - keep, group_size=1,
-                                            inputs="anchored" if method == "anchored" else "dense", **targets)
+                                            inputs="anchored" if method == "anchored" else "dense",
+                                            **(args.anchored_fit if method == "anchored" else {}), **targets)
                     if method == "sb1":
                         cfg.attach_statistics(grams)
                     else:

@@ -12,7 +12,8 @@ PHASES = ("train", "factorized")
 RANK_ALLOCATIONS = ("global", "uniform")
 INITS = ("auto", "svd", "whitened", "anchored")
 # What BaselConfig.anchored_fit may set: the options of the anchored fit (SharedBasisConfig's fields of the same names)
-ANCHORED_FIT_OPTIONS = ("anchor", "anchor_candidates", "holdout_fraction", "refine_epochs", "refine_lr")
+ANCHORED_FIT_OPTIONS = ("anchor", "anchor_candidates", "holdout_fraction", "refine_epochs", "refine_lr",
+                        "rank_allocation", "output_weights", "output_weight_power")
 
 
 @dataclass
@@ -56,8 +57,10 @@ class BaselConfig(PeftBasisConfig):
             of ``compression_ratio = 1 - initial_keep``), in ``[keep_ratio, 1]``; the schedule prunes from there to
             ``keep_ratio``. ``None``: ``min(1, 1.5 * keep_ratio)``.
         anchored_fit: with ``init="anchored"``, options of the anchored fit passed to its ``SharedBasisConfig``
-            (``anchor``, ``anchor_candidates``, ``holdout_fraction``, ``refine_epochs``, ``refine_lr``); the
-            defaults are Basis Sharing's.
+            (``anchor``, ``anchor_candidates``, ``holdout_fraction``, ``refine_epochs``, ``refine_lr``,
+            ``rank_allocation``, ``output_weights``, ``output_weight_power``); the defaults are Basis Sharing's.
+            ``rank_allocation="loss"`` or ``output_weights="fisher"`` add the dense model's Fisher pass (a backward
+            per calibration batch) before the fit, as for Basis Sharing.
         svd_threshold: directions with singular value below ``svd_threshold * mean`` are dropped at
             export (consolidation, on ``W_eff``'s own spectrum) and, with the plain-SVD init, at initialisation
             (the paper's rule, 1e-3). The whitened init keeps every direction so the model starts exact.

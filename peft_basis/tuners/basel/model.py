@@ -15,7 +15,8 @@ from ...budget import greedy_allocate
 from ...linalg import WhitenerCache, whitened_svd
 from ...modules import in_out_features, linear_weight
 from ..base import PeftBasisTuner, warn_no_calibration
-from .anchored import INPUT_GRAMS, BaselAnchoredCalibrator, anchored_reparametrisation
+from ..shared_basis import scores as anchored_scores
+from .anchored import INPUT_GRAMS, BaselAnchoredCalibrator, anchored_fit_config, anchored_reparametrisation
 from ..factorized import factorized_forward
 from .config import BaselConfig
 from .layer import BaselLayer
@@ -74,6 +75,19 @@ class BaselModel(PeftBasisTuner):
         if isinstance(config, BaselConfig) and config.init == "anchored":
             return BaselAnchoredCalibrator(config, statistics)
         return None
+
+    # ---- the anchored start's Fisher pass: loss-aware ranks / output weights of the anchored fit, if asked ----------
+    @classmethod
+    def needs_fisher(cls, config) -> bool:
+        return (isinstance(config, BaselConfig) and config.init == "anchored"
+                and anchored_scores.needs_fisher(anchored_fit_config(config)))
+
+    @classmethod
+    def fisher_plan(cls, model, config, names: list[str], stats, *, progress: bool = False):
+        """The anchored fit's own plan (Basis Sharing's, on the same targets)."""
+        if not cls.needs_fisher(config):
+            return None
+        return anchored_scores.fisher_plan(model, anchored_fit_config(config), names, stats, progress)
 
     # ---- building the reparametrisation -----------------------------------------------------------
     def _pre_injection_hook(self, model: nn.Module, config: BaselConfig, adapter_name: str) -> None:

@@ -48,7 +48,7 @@ from .grouping import (
 from .anchored import AnchoredCompressor, held_apart_batches
 from .auto import keep_selection_tokens, selection_batches
 from .layer import SharedBasisLayer, saved_basis_name, saved_coefficient_name
-from .scores import fisher_plan
+from .scores import fisher_plan, needs_fisher
 from .sequential import AdapterSink, SharedBasisLayerCompressor, StatisticsSink
 
 
@@ -101,8 +101,7 @@ class SharedBasisModel(PeftBasisTuner):
     # ---- calibration: Fisher scores of each module's directions, for rank_allocation="loss" --------------
     @classmethod
     def needs_fisher(cls, config) -> bool:
-        return isinstance(config, SharedBasisConfig) and (config.rank_allocation == "loss"
-                                                          or config.output_weights != "none")
+        return isinstance(config, SharedBasisConfig) and needs_fisher(config)
 
     @classmethod
     def fisher_plan(cls, model, config, names: list[str], stats, *, progress: bool = False) -> FisherPlan | None:

@@ -18,7 +18,12 @@ from ...modules import in_out_features, linear_weight
 from ...parallel import map_decompositions
 from .grouping import Group, scored_rank
 
-__all__ = ["fisher_plan"]
+__all__ = ["fisher_plan", "needs_fisher"]
+
+
+def needs_fisher(config) -> bool:
+    """Whether ``config``'s fit reads the dense model's Fisher pass: loss-aware ranks or output weights."""
+    return config.rank_allocation == "loss" or config.output_weights != "none"
 
 
 def fisher_plan(model, config, names: list[str], stats, progress: bool = False) -> FisherPlan:
