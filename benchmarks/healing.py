@@ -75,11 +75,12 @@ def _compressor(spec: str, calib, work: str):
             return get_peft_model(model, config)
 
         return compress
-    if spec == "anchored":  # the main job's fit (anchored + loss-aware ranks), on the same 16 calibration blocks
+    if spec in ("anchored", "anchored_ow"):  # the main job's fit, on the same 16 calibration blocks
 
         def compress(model, ratio):
             config = peft_basis.SharedBasisConfig(compression_ratio=ratio, group_size=1, inputs="anchored",
-                                                  rank_allocation="loss")
+                                                  rank_allocation="loss",
+                                                  output_weights="fisher" if spec == "anchored_ow" else "none")
             peft_basis.calibrate(model, config, [calib[i : i + 4] for i in range(0, 16, 4)])
             return get_peft_model(model, config)
 
@@ -101,7 +102,8 @@ def _save(result: dict) -> None:
 
 def _compression(run: dict) -> str:
     spec = run.get("compression", "calibrate")
-    return {"calibrate": "whitened per layer", "anchored": "anchored + loss-aware ranks"}.get(spec, spec)
+    return {"calibrate": "whitened per layer", "anchored": "anchored + loss-aware ranks",
+            "anchored_ow": "anchored + loss-aware ranks + output Fisher weights"}.get(spec, spec)
 
 
 def _markdown(result: dict) -> str:
@@ -163,7 +165,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max-tokens", type=int, default=8192, help="healing tokens per run")
     p.add_argument("--checkpoints", default="4096", help="token counts to evaluate at, besides 0 and the end")
     p.add_argument("--compressed", default="calibrate",
-                   help="'calibrate' (default: whitened per layer), 'anchored' (anchored fit + loss-aware ranks), an adapter folder per ratio ('out/sb{ratio}'), or module:function "
+                   help="'calibrate' (default: whitened per layer), 'anchored' (anchored fit + loss-aware ranks), 'anchored_ow' "
+                        "(the same + output Fisher weights: the main job's), an adapter folder per ratio ('out/sb{ratio}'), or module:function "
                         "(model, ratio, calib_blocks) -> PeftModel")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr-factors", type=float, default=1e-4, help="heal()'s default: 5e-5")

@@ -46,6 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MB = 1e6
 STANDALONE = {"standalone-float32": ("float32", "float"), "standalone-bfloat16": ("bfloat16", "float"),
               "standalone-bfloat16-int8": ("bfloat16", "int8")}
+MAIN_JOB_STANDALONE = "standalone-main-job-float32"
 LOADS = ("dense", "peft", "lean", "standalone-float32", "standalone-bfloat16-int8")
 LOAD_NAMES = {"dense": "dense model (`AutoModelForCausalLM.from_pretrained`)",
               "peft": "`PeftModel.from_pretrained` on the dense base", "lean": "`peft_basis.load_lean`",
@@ -115,12 +116,14 @@ def work_compress(name: str, args) -> dict:
            "peak_over_model": (peak - base_rss + model_bytes) / model_bytes, "model_bytes": model_bytes,
            "stored_fraction": sum(r["params"] for r in report) / sum(r["dense_params"] for r in report),
            "config_kwargs": {k: getattr(config, k) for k in ("inputs", "anchor", "refine_epochs", "rank_allocation",
-                                                             "group_size")}}
-    if not artifacts:
-        return out
+                                                             "group_size", "output_weights")}}
     import torch
 
     from peft_basis import save_compressed
+
+    if not artifacts:  # the main job's model, for the speed measurement beside the whitened one
+        save_compressed(peft_model, os.path.join(args.work, MAIN_JOB_STANDALONE), dtype=torch.float32)
+        return out
 
     w = args.work
     peft_model.save_pretrained(os.path.join(w, "adapter"))
@@ -204,6 +207,8 @@ def work_speed(args) -> dict:
     models = {"dense": AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval(),
               "compressed": CompressedModel.from_pretrained(os.path.join(args.work, "standalone-float32")),
               "peft": load_lean(dense_dir, os.path.join(args.work, "adapter"))}
+    if os.path.isdir(os.path.join(args.work, MAIN_JOB_STANDALONE)):  # loss-aware ranks: another rank profile
+        models["main_job"] = CompressedModel.from_pretrained(os.path.join(args.work, MAIN_JOB_STANDALONE))
     tok = AutoTokenizer.from_pretrained(dense_dir)
     prompt = tok(load_text("britannica")[:4000], return_tensors="pt")["input_ids"][:, :PROMPT_TOKENS]
     for m in models.values():
@@ -215,7 +220,10 @@ def work_speed(args) -> dict:
         for name, m in models.items():
             samples["decode"][name].append(decode_tokens_per_second(m, prompt))
     medians = {kind: {k: statistics.median(v) for k, v in s.items()} for kind, s in samples.items()}
-    return {"samples": samples, "median": medians, "flops": flop_limits(models["dense"], models["compressed"])}
+    out = {"samples": samples, "median": medians, "flops": flop_limits(models["dense"], models["compressed"])}
+    if "main_job" in models:
+        out["flops_main_job"] = flop_limits(models["dense"], models["main_job"])
+    return out
 
 
 # ---- what the FLOPs allow ---------------------------------------------------------------------------------
@@ -331,12 +339,12 @@ def main(argv=None) -> None:
                 logits = torch.load(os.path.join(args.work, f"logits-{r['kind']}.pt"))
                 r["max_logit_diff_vs_peft"] = float((logits.float() - ref).abs().max())
         save()
-        result["speed"] = step(["speed"], "speed")
-        save()
-        for name in configs:
+        for name in configs:  # before the speed step: the anchored run writes the main job's model it times too
             if name != "whitened":
                 result["cost"].append(step(["compress", name], f"compress {name}"))
                 save()
+        result["speed"] = step(["speed"], "speed")
+        save()
     finally:
         if not keep:
             shutil.rmtree(args.work, ignore_errors=True)
@@ -382,12 +390,18 @@ def markdown(r: dict) -> str:
         lines += [f"Speed (one process, the models alternating, median of {r['repeats']}): tokens/s.\n",
                   "| measurement | dense | compressed (standalone) | compressed (PEFT, load_lean) | speed-up "
                   "(standalone) | FLOP limit | measured / limit |", "|---|---|---|---|---|---|---|"]
+        rows = [("compressed", "whitened, uniform ranks", lim)]
+        if "main_job" in sp["forward"]:
+            rows.append(("main_job", "the main job's model (loss-aware ranks)", r["speed"]["flops_main_job"]["limit"]))
         for kind, label, key in (("forward", "forward, batch 8 x 256", "forward_8x256"),
                                  ("decode", f"greedy decoding, batch 1, {NEW_TOKENS} new tokens", "decode")):
             m = sp[kind]
-            up = m["compressed"] / m["dense"]
-            lines.append(f"| {label} | {m['dense']:,.0f} | {m['compressed']:,.0f} | {m['peft']:,.0f} | {up:.2f}x | "
-                         f"{lim[key]:.2f}x | {(up - 1) / (lim[key] - 1) if lim[key] > 1 else float('nan'):.0%} |")
+            for model_key, what, limit in rows:
+                up = m[model_key] / m["dense"]
+                peft = f"{m['peft']:,.0f}" if model_key == "compressed" else "-"
+                lines.append(f"| {label}, {what} | {m['dense']:,.0f} | {m[model_key]:,.0f} | {peft} | {up:.2f}x | "
+                             f"{limit[key]:.2f}x | "
+                             f"{(up - 1) / (limit[key] - 1) if limit[key] > 1 else float('nan'):.0%} |")
         f = r["speed"]["flops"]
         lines += ["", f"FLOPs per token of the Linears: targeted {f['dense']['targeted_per_token'] / 1e6:.1f} M dense, "
                   f"{f['compressed']['targeted_per_token'] / 1e6:.1f} M compressed; the rest (LM head, untargeted) "
