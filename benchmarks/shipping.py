@@ -402,6 +402,14 @@ def markdown(r: dict) -> str:
                 lines.append(f"| {label}, {what} | {m['dense']:,.0f} | {m[model_key]:,.0f} | {peft} | {up:.2f}x | "
                              f"{limit[key]:.2f}x | "
                              f"{(up - 1) / (limit[key] - 1) if limit[key] > 1 else float('nan'):.0%} |")
+        spread = []
+        for kind in ("forward", "decode"):
+            dense = r["speed"]["samples"][kind]["dense"]
+            for model_key, what, _ in rows:
+                ups = [c / d for c, d in zip(r["speed"]["samples"][kind][model_key], dense)]
+                spread.append(f"{kind} {what}: {min(ups):.2f}x-{max(ups):.2f}x")
+        lines += ["", "Speed-up of each repeat (the dense and the compressed pass next to each other), lowest-highest: "
+                  + "; ".join(spread) + "."]
         f = r["speed"]["flops"]
         lines += ["", f"FLOPs per token of the Linears: targeted {f['dense']['targeted_per_token'] / 1e6:.1f} M dense, "
                   f"{f['compressed']['targeted_per_token'] / 1e6:.1f} M compressed; the rest (LM head, untargeted) "
