@@ -169,7 +169,9 @@ def test_loss_aware_ranks_spend_the_exact_budget_by_fisher_scores():
     assert [r["rank"] for r in report] != [r["rank"] for r in uniform]
     # anchored with loss-aware ranks: the same ranks, fitted anchored
     anchored = peft_basis.calibrate(tiny_llama(layers=2), _anchored(rank_allocation="loss"), data, progress=False)
-    assert {k: v for k, v in anchored.meta["factors"]["ranks"].items()} == {r["group"]: r["rank"] for r in report}
+    factors = anchored.meta["factors"]
+    assert factors["ranks"] == {r["group"]: r["rank"] for r in report if not r.get("dense")}
+    assert factors["dense"] == [m for r in report if r.get("dense") for m in r["members"]]
 
 
 def _with_stats(config, data):

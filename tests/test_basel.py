@@ -353,9 +353,10 @@ def test_anchored_init_starts_exactly_at_the_anchored_model(fit):
     ids = token_batches(1, seed=9)[0]
     pm, config = _anchored_basel(fresh_copy(base), keep_ratio=0.4, initial_keep=0.7, layers_to_transform=[1, 2],
                                  anchored_fit={"anchor": 0.25, **fit})
-    # the same fit by Basis Sharing, calibrated on its own (with fit's options: the same Fisher pass first)
+    # the same fit by Basis Sharing, calibrated on its own (with fit's options: the same Fisher pass first; every
+    # module factorised, as Basel reparametrises them all)
     sb_config = SharedBasisConfig(compression_ratio=0.3, group_size=1, inputs="anchored", anchor=0.25,
-                                  layers_to_transform=[1, 2], **fit)
+                                  layers_to_transform=[1, 2], dense_at_break_even=False, **fit)
     sb_model = fresh_copy(base)
     peft_basis.calibrate(sb_model, sb_config, token_batches(6), progress=False)
     sb = get_peft_model(sb_model, sb_config)

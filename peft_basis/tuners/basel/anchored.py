@@ -37,6 +37,7 @@ def anchored_fit_config(config: BaselConfig) -> SharedBasisConfig:
         target_modules=config.target_modules, exclude_modules=config.exclude_modules,
         layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
         damping=config.damping, **dict(config.anchored_fit or {}),
+        dense_at_break_even=False,  # Basel reparametrises every target: each needs factors
     )
 
 

@@ -37,7 +37,7 @@ from ...linalg import anchored_error, anchored_factorize
 from ...modules import in_out_features, linear_weight
 from ..factorized import factorized_forward
 from .config import SharedBasisConfig
-from .grouping import allocate_ranks, by_type, output_scales, plan_groups, uniform_rank
+from .grouping import DENSE, allocate_ranks, by_type, output_scales, plan_groups, uniform_rank
 
 __all__ = ["AnchoredCompressor", "held_apart_batches"]
 
@@ -135,11 +135,15 @@ class AnchoredCompressor(LayerHandler):
         self.run, model, config = run, run.model, self.config
         shapes = {n: in_out_features(model.get_submodule(n)) for n in run.target_names}
         self.groups = plan_groups(getattr(model.config, "model_type", None), by_type(run.target_names), config, shapes)
-        self.group_of = {g.members[0]: g for g in self.groups}
         if config.rank_allocation == "loss":
             ranks = allocate_ranks(self.groups, config, None, self.statistics)
         else:
             ranks = [uniform_rank(g, config) for g in self.groups]
+        # dense_at_break_even: these keep their dense weights; the fit, the sink and the report see the others
+        self.dense = [g.members[0] for g, r in zip(self.groups, ranks) if r == DENSE]
+        self.dense_reports = [g.dense_report() for g, r in zip(self.groups, ranks) if r == DENSE]
+        self.groups, ranks = [g for g, r in zip(self.groups, ranks) if r != DENSE], [r for r in ranks if r != DENSE]
+        self.group_of = {g.members[0]: g for g in self.groups}
         self.rank_of = {g.members[0]: r for g, r in zip(self.groups, ranks)}
         self.holdout = held_apart_batches(len(run.batches), config.holdout_fraction)
         self.fit = [b for b in range(len(run.batches)) if b not in self.holdout]
@@ -167,6 +171,8 @@ class AnchoredCompressor(LayerHandler):
         if self.config.refine_epochs > 0:
             factors = self._refine(layer, factors)
         for name in layer.targets:  # in the order the sink declared them
+            if name not in factors:  # kept dense
+                continue
             basis, coef = factors[name]
             self.sink.write(name, self.group_of[name], basis, coef)
 
@@ -180,12 +186,15 @@ class AnchoredCompressor(LayerHandler):
         return self.sink.finish(self.config, self.run, self.groups, self.rank_of, self)
 
     def report(self) -> list[dict]:
-        return [self.reports[g.key] for g in self.groups]
+        return [self.reports[g.key] for g in self.groups] + self.dense_reports
 
     # ---- one sub-layer: anchored factorisation ----------------------------------------------------
     def _fit_stage(self, layer, stage: list[str], dense_inputs) -> dict[str, list]:
         config, pipeline = self.config, layer.pipeline
-        owner = stage[0]
+        owner = stage[0]  # the stage's input (and its dense capture's key), whether or not owner itself is fitted
+        stage = [m for m in stage if m in self.rank_of]
+        if not stage:  # every module reading this input is kept dense
+            return {}
         d = in_out_features(layer.targets[owner])[0]
         fit, held = _Stats(d, False), _Stats(d, True)
         for b, got in pipeline.capture_inputs(layer.layer, "compressed", {owner: layer.targets[owner]}):

@@ -74,10 +74,17 @@ class SharedBasisConfig(PeftBasisConfig):
             ``rank_allocation="loss"``. With ``inputs="dense"`` or ``"anchored"``; not with ``compress_sequential``'s
             dense/compressed-input compressor.
         output_weight_power: the exponent of ``output_weights="fisher"`` (``1``: the Fisher itself, ``0``: none).
+        dense_at_break_even: with ``rank_allocation="global"`` or ``"loss"``, a private module whose allocated rank
+            reaches the rank at which factors stop saving parameters stays dense: its exact weight costs a few
+            parameters more than those factors (``d_in d_out`` against ``r (d_in + d_out)``), is faster (one product
+            instead of two) and loses nothing; the rest of the budget is allocated again among the other modules, so
+            the total stays within it. ``False``: every target is factorised, at most at that rank.
         keep_dense_weight: keep the original dense weights in memory (needed for
             ``disable_adapter()``); off by default, since dropping them is what makes the model smaller.
         groups: filled at creation: group key -> member module names. With ``rank_pattern`` it lets
             ``PeftModel.from_pretrained`` rebuild the exact shapes without data.
+        dense_modules: filled at creation: the targets kept dense by ``dense_at_break_even`` (no factors; their
+            weights are the base model's).
     """
 
     compression_ratio: float = field(default=0.2, metadata={"help": "Fraction of targeted parameters removed."})
@@ -88,8 +95,12 @@ class SharedBasisConfig(PeftBasisConfig):
         default=2048, metadata={"help": "Calibration tokens 'auto' scores each grouping on (model loss); 0: error only."}
     )
     rank_allocation: str = field(default="uniform", metadata={"help": "'uniform', 'global' or 'loss'."})
+    dense_at_break_even: bool = field(
+        default=True, metadata={"help": "global/loss ranks: a module allocated its break-even rank stays dense."}
+    )
     keep_dense_weight: bool = field(default=False, metadata={"help": "Keep dense weights (for disable_adapter)."})
     groups: dict = field(default_factory=dict, metadata={"help": "Filled at creation: group -> module names."})
+    dense_modules: list = field(default_factory=list, metadata={"help": "Filled at creation: targets kept dense."})
     inputs: str = field(default="dense", metadata={"help": "'dense' or 'anchored': what the factors are fitted to."})
     anchor: Union[float, str] = field(default=0.25, metadata={"help": "Anchored target interpolation b, or 'auto'."})
     anchor_candidates: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 0.75, 1.0],
@@ -100,7 +111,7 @@ class SharedBasisConfig(PeftBasisConfig):
     output_weights: str = field(default="none", metadata={"help": "'none' or 'fisher': output error weighting."})
     output_weight_power: float = field(default=0.5, metadata={"help": "Exponent of the output Fisher weights."})
 
-    filled_fields = PeftBasisConfig.filled_fields + ("groups",)
+    filled_fields = PeftBasisConfig.filled_fields + ("groups", "dense_modules")
 
     def replaced_modules(self) -> list[str]:
         """The modules whose dense weight this adapter replaces (what lean loading never reads)."""

@@ -17,7 +17,7 @@ from ...errors import ConfigError
 from ...modules import layer_index, module_type
 from .config import DEFAULT_SHARED_MODULES, SharedBasisConfig
 
-__all__ = ["GLOBAL_MIN_FRACTION", "Group", "allocate_ranks", "by_type", "chunk", "group_gram", "loss_scores",
+__all__ = ["DENSE", "GLOBAL_MIN_FRACTION", "Group", "allocate_ranks", "by_type", "chunk", "group_gram", "loss_scores",
            "plan_groups", "rank_bounds", "record_groups", "scored_rank", "uniform_rank"]
 
 # Global allocation: every group first gets this fraction of its uniform rank, so that no module is
@@ -45,6 +45,11 @@ class Group:
         """One row of ``compression_report`` (what the model card and benchmarks read)."""
         return {"group": self.key, "members": self.members, "rank": rank, "params": rank * self.cost,
                 "dense_params": self.dense_params, "relative_error": relative_error}
+
+    def dense_report(self) -> dict:
+        """The row of a module kept dense (``dense_at_break_even``): its full rank, all its parameters, exact."""
+        return {"group": self.key, "members": self.members, "rank": min(self.d_in, self.d_out),
+                "params": self.dense_params, "dense_params": self.dense_params, "relative_error": 0.0, "dense": True}
 
 
 def _group_key(type_name: str, members: list[str]) -> str:
@@ -132,7 +137,12 @@ def rank_bounds(groups: list[Group], config: SharedBasisConfig) -> tuple[int, li
     return budget, r_max
 
 
-def allocate_ranks(groups: list[Group], config: SharedBasisConfig, spectrum, stats=None) -> list[int]:
+# The rank ``allocate_ranks`` gives a module that stays dense (``SharedBasisConfig.dense_at_break_even``)
+DENSE = 0
+
+
+def allocate_ranks(groups: list[Group], config: SharedBasisConfig, spectrum, stats=None,
+                   allow_dense: bool = True) -> list[int]:
     """Ranks within ``(1 - ratio)`` of the targeted dense parameters and within one rank step of it.
 
     ``spectrum(group)``: the group's whitened spectrum normalised to sum 1 (the relative error each
@@ -141,7 +151,9 @@ def allocate_ranks(groups: list[Group], config: SharedBasisConfig, spectrum, sta
     its uniform rank; the rest goes to the directions removing the most relative error per parameter,
     a group counting once per member (so a shared group's error weighs as much as its members').
     ``loss``: the same floor, the rest by the estimated increase of the model's loss each direction's
-    removal causes (:func:`loss_scores`, from the Fisher scores in ``stats``)."""
+    removal causes (:func:`loss_scores`, from the Fisher scores in ``stats``). With ``dense_at_break_even`` (and
+    ``allow_dense``), private groups allocated their break-even rank get :data:`DENSE` (they keep their dense
+    weight, which the budget counts whole)."""
     budget, caps = rank_bounds(groups, config)
     floors = [uniform_rank(g, config) for g in groups]
     if config.rank_allocation == "uniform":
@@ -153,7 +165,28 @@ def allocate_ranks(groups: list[Group], config: SharedBasisConfig, spectrum, sta
         caps = [min(c, len(s)) for c, s in zip(caps, scores)]
     else:
         scores = [spectrum(g) * len(g.members) for g in groups]
-    return greedy_allocate(scores, [g.cost for g in groups], budget, r_min=r_min, r_max=caps)
+    ranks = greedy_allocate(scores, [g.cost for g in groups], budget, r_min=r_min, r_max=caps)
+    if not (allow_dense and config.dense_at_break_even and config.rank_allocation != "uniform"):
+        return ranks
+    # A private module allocated its break-even rank keeps its dense weight instead (a few parameters more, exact,
+    # one product instead of two); the others share what is left, which may push more of them there: repeat.
+    dense: set[int] = set()
+    while True:
+        new = {i for i, (g, r) in enumerate(zip(groups, ranks))
+               if i not in dense and len(g.members) == 1 and r >= scored_rank(g)}
+        if not new:
+            return [DENSE if i in dense else r for i, r in enumerate(ranks)]
+        rest = [i for i in range(len(groups)) if i not in dense | new]
+        left = budget - sum(groups[i].dense_params for i in dense | new)
+        try:
+            again = greedy_allocate([scores[i] for i in rest], [groups[i].cost for i in rest], left,
+                                    r_min=[r_min[i] for i in rest], r_max=[caps[i] for i in rest])
+        except ValueError:  # the others' minimum ranks would not fit: stop at the last allocation that did
+            return [DENSE if i in dense else r for i, r in enumerate(ranks)]
+        dense |= new
+        ranks = [0] * len(groups)
+        for i, r in zip(rest, again):
+            ranks[i] = r
 
 
 def scored_rank(g: Group) -> int:

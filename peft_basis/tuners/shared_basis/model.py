@@ -35,6 +35,7 @@ from ..factorized import dense_is_dropped, drop_dense_weight, factorized_forward
 from .config import SharedBasisConfig
 from .grouping import (
     Group,
+    DENSE,
     allocate_ranks,
     by_type,
     chunk,
@@ -157,7 +158,8 @@ class SharedBasisModel(PeftBasisTuner):
         bases = nn.ParameterDict()
         if config.groups:  # loading: shapes from the config, values from the checkpoint; no SVD
             self.check_rank_pattern_targets("Basis Sharing", {m: 0 for ms in config.groups.values() for m in ms}, shapes)
-            missing = [n for n in names if not any(n in m for m in config.groups.values())]
+            missing = [n for n in names if not any(n in m for m in config.groups.values())
+                       and n not in config.dense_modules]
             if missing:
                 raise ValueError(
                     f"This Basis Sharing adapter was made for another model: it has no factors for {missing[:3]}. Load "
@@ -181,7 +183,8 @@ class SharedBasisModel(PeftBasisTuner):
         """Factors fitted by the layer-sequential pipeline (``inputs="anchored"``), injected as they are."""
         stats = config.calibration_statistics
         fitted = stats.meta["factors"]
-        missing = [n for n in names if not any(n in ms for ms in fitted["groups"].values())]
+        kept_dense = list(fitted.get("dense", []))  # dense_at_break_even: no factors, the base model's weights
+        missing = [n for n in names if not any(n in ms for ms in fitted["groups"].values()) and n not in kept_dense]
         if missing:
             raise ValueError(f"The attached statistics hold no fitted factors for {missing[:3]}: they were made for "
                              "other target modules. Run `calibrate(model, config, dataloader)` with this config.")
@@ -193,6 +196,7 @@ class SharedBasisModel(PeftBasisTuner):
                 self._pending[m] = stats.extra[f"factors/coefficient/{m}"].to(dtype, copy=True)
             config.groups[key] = list(members)
             config.rank_pattern.update({m: int(fitted["ranks"][key]) for m in members})
+        config.dense_modules = sorted(kept_dense)
         if not config.keep_dense_weight:
             for m in self._member_group:
                 if isinstance(modules[m], nn.Linear) and not dense_is_dropped(modules[m]):
@@ -266,6 +270,7 @@ class SharedBasisModel(PeftBasisTuner):
                     drop_dense_weight(mod)
 
         types = by_type(names)
+        kept_dense: list[Group] = []
         factors: dict[str, GroupFactors] = {}
         errors: dict[str, dict[int, list[float]]] = {}
         refs: dict[str, list[float]] = {}
@@ -297,7 +302,7 @@ class SharedBasisModel(PeftBasisTuner):
                         elif g.key not in spectra:
                             lam = group_spectrum(weights(g), gram(g.members), config.damping, g.members[0], scales(g))
                             spectra[g.key] = normalised_spectrum(lam)
-                    plan_ranks = allocate_ranks(plan, config, lambda g: spectra[g.key])
+                    plan_ranks = allocate_ranks(plan, config, lambda g: spectra[g.key], allow_dense=False)
                     total, found = 0.0, {}
                     for g, r, cap in zip(plan, plan_ranks, caps):
                         stored = cap if g.key in pre else min(r + 1, cap)  # headroom for the final top-up
@@ -352,6 +357,8 @@ class SharedBasisModel(PeftBasisTuner):
                     spectra[g.key] = normalised_spectrum(group_spectrum(weights(g), gram(g.members), config.damping,
                                                                         g.members[0], scales(g)))
                 ranks = allocate_ranks(groups, config, lambda g: spectra[g.key], stats)
+                kept_dense = [g for g, r in zip(groups, ranks) if r == DENSE]  # dense_at_break_even: no factors
+                groups, ranks = [g for g, r in zip(groups, ranks) if r != DENSE], [r for r in ranks if r != DENSE]
                 jobs = ((g, r, [r], gram(g.members)) for g, r in zip(groups, ranks))
                 with closing(map_decompositions(lambda job: factorise(*job[:3], g_gram=job[3]), jobs)) as done:
                     for g, result in zip(tqdm(groups, desc="factorising", unit="group"), done):
@@ -369,6 +376,8 @@ class SharedBasisModel(PeftBasisTuner):
             record_groups(config, [g], [rank])
             rel = [e / max(r, 1e-300) for e, r in zip(errors[g.key][rank], refs[g.key])]
             report.append(g.report(rank, sum(rel) / len(rel) if stats is not None else None))
+        config.dense_modules = sorted(m for g in kept_dense for m in g.members)
+        report += [g.dense_report() for g in kept_dense]
         return report
 
     # ---- injection --------------------------------------------------------------------------------
@@ -391,8 +400,10 @@ class SharedBasisModel(PeftBasisTuner):
 
     # ---- sizes -------------------------------------------------------------------------------------
     def stored_parameters(self, adapter_name: str = "default") -> int:
-        """Parameters stored for the targeted modules (shared bases once, coefficients per layer)."""
+        """Parameters stored for the targeted modules (shared bases once, coefficients per layer, and the weights
+        of the targets kept dense by ``dense_at_break_even``)."""
         n = sum(p.numel() for p in self.sb_bases[adapter_name].values())
+        n += sum(self.model.get_submodule(m).weight.numel() for m in self.peft_config[adapter_name].dense_modules)
         for m in self.model.modules():
             if isinstance(m, SharedBasisLayer) and adapter_name in m.sb_coefficient:
                 n += m.sb_coefficient[adapter_name].numel()

@@ -220,7 +220,7 @@ class SharedBasisLayerCompressor(LayerHandler):
 
     def _factorise_groups(self) -> None:
         config, groups = self.config, self.groups
-        ranks = allocate_ranks(groups, config, lambda g: self.spectra[g.key])
+        ranks = allocate_ranks(groups, config, lambda g: self.spectra[g.key], allow_dense=False)
         self.rank_of = rank_of = {g.key: r for g, r in zip(groups, ranks)}
         order = sorted(groups, key=lambda g: (self.last_layer[g.key], self.first_layer[g.key]))
         specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -310,6 +310,7 @@ class AdapterSink:
     def finish(self, config, run, groups: list[Group], rank_of: dict[str, int], handler) -> list[dict]:
         if self.writer is not None:
             self.writer.close()
+            config.dense_modules = sorted(getattr(handler, "dense", []))
             save_adapter_config(config, run, groups, [rank_of[g.members[0]] for g in groups], self.output_dir)
         return handler.report()
 
@@ -334,14 +335,17 @@ class StatisticsSink:
         self.stats.extra[f"factors/coefficient/{module_name}"] = coefficient.detach().float().contiguous()
 
     def finish(self, config, run, groups, rank_of, handler) -> CalibrationStatistics:
+        dense = list(getattr(handler, "dense", []))
         self.stats.meta["factors"] = {"groups": {g.key: g.members for g in groups},
                                       "ranks": {g.key: rank_of[g.members[0]] for g in groups},
-                                      "report": handler.report(), "refinement": handler.refinement}
+                                      "report": handler.report(), "refinement": handler.refinement, "dense": dense}
         self.stats.meta["pipeline"] = "sequential"
-        # every target is covered (what calibrate checks of any statistics), by its factors
+        # every target is covered (what calibrate checks of any statistics), by its factors or as kept dense
         for g in groups:
             for m in g.members:
                 self.stats.sources[m] = f"factors/{g.key}"
+        for m in dense:
+            self.stats.sources[m] = "dense"
         return self.stats
 
     def abort(self) -> None:
