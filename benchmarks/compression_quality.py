@@ -127,8 +127,10 @@ def run_row(name: str, ratio: float, threads: int, calib_blocks: int) -> dict:
         extra = {}
         if "factors" in stats.meta:
             report = stats.meta["factors"]["report"]
-            anchors = [r.get("anchor") for r in report]
+            anchors = [r["anchor"] for r in report if "anchor" in r]  # the modules kept dense have none
             extra["anchors"] = {str(a): anchors.count(a) for a in sorted(set(anchors))}
+            if any(r.get("dense") for r in report):
+                extra["dense_modules"] = sum(len(r["members"]) for r in report if r.get("dense"))
             refinement = stats.meta["factors"].get("refinement", {})
             if refinement:
                 extra["layers_refined"] = sum(v["kept"] == "refined" for v in refinement.values())
@@ -186,7 +188,8 @@ def _md(result: dict) -> str:
               "over the calibration batches, and peak memory over the model's size:\n",
               "| row | ratio | seconds | x bare forward | peak / model | stored fraction | notes |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        notes = ", ".join(f"{k}: {r[k]}" for k in ("anchors", "layers_refined", "group_sizes", "note") if k in r)
+        notes = ", ".join(f"{k}: {r[k]}" for k in ("anchors", "layers_refined", "dense_modules", "group_sizes", "note")
+                          if k in r)
         lines.append(f"| {r['row']} | {r['ratio']:.0%} | {r['seconds']:.0f} | {r['cost_over_forward']:.1f} | "
                      f"{r['peak_over_model']:.2f} | {r['stored_fraction']:.4f} | {notes} |")
     return "\n".join(lines) + "\n"

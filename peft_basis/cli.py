@@ -238,6 +238,7 @@ def run(argv: list[str] | None = None) -> dict:
                    "anchor": config.anchor, "refine_epochs": config.refine_epochs,
                    "rank_allocation": args.rank_allocation, "output_weights": config.output_weights,
                    "model": model_path, "sequential": args.sequential,
+                   "dense_modules": list(peft_model.peft_config["default"].dense_modules),
                    "calibration_tokens": int(calib.numel())},
         "healing": healing,
     }
@@ -257,6 +258,11 @@ def run(argv: list[str] | None = None) -> dict:
     print(f"\n{'':28}{'dense':>16}{'compressed':>26}")
     for name, a, b in rows:
         print(f"{name:28}{a:>16}{b:>26}")
+    made = peft_model.peft_config["default"]  # as filled by get_peft_model
+    dense_modules = list(made.dense_modules)
+    if dense_modules:  # dense_at_break_even: the allocation gave them the rank where factors stop saving parameters
+        print(f"\n{len(dense_modules)} of {len(made.rank_pattern) + len(dense_modules)} targeted Linears kept dense "
+              "(allocated the rank at which factors would no longer save parameters)")
     print(f"\ncalibrate + compress: {t_total:.1f} s" + ("" if args.sequential else f" (calibration {t_calib:.1f} s)"))
     if args.standalone:
         print(f"standalone compressed checkpoint: {args.standalone}/ ({mb(result['bytes_on_disk']['standalone'])}; "
