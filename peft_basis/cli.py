@@ -228,6 +228,8 @@ def run(argv: list[str] | None = None) -> dict:
     adapter_bytes = size_on_disk(os.path.join(args.output, "adapter_model.safetensors"))
     compressed_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in peft_model.parameters()}.values())
 
+    made = peft_model.peft_config["default"]  # as filled by get_peft_model
+    dense_modules = list(made.dense_modules)
     result = {
         "perplexity": {"dense": ppl_before, "compressed": ppl_after},
         "parameters": {"dense": dense_params, "compressed": compressed_params},
@@ -238,7 +240,7 @@ def run(argv: list[str] | None = None) -> dict:
                    "anchor": config.anchor, "refine_epochs": config.refine_epochs,
                    "rank_allocation": args.rank_allocation, "output_weights": config.output_weights,
                    "model": model_path, "sequential": args.sequential,
-                   "dense_modules": list(peft_model.peft_config["default"].dense_modules),
+                   "dense_modules": dense_modules,
                    "calibration_tokens": int(calib.numel())},
         "healing": healing,
     }
@@ -258,8 +260,6 @@ def run(argv: list[str] | None = None) -> dict:
     print(f"\n{'':28}{'dense':>16}{'compressed':>26}")
     for name, a, b in rows:
         print(f"{name:28}{a:>16}{b:>26}")
-    made = peft_model.peft_config["default"]  # as filled by get_peft_model
-    dense_modules = list(made.dense_modules)
     if dense_modules:  # dense_at_break_even: the allocation gave them the rank where factors stop saving parameters
         print(f"\n{len(dense_modules)} of {len(made.rank_pattern) + len(dense_modules)} targeted Linears kept dense "
               "(allocated the rank at which factors would no longer save parameters)")

@@ -37,7 +37,7 @@ from ...linalg import anchored_error, anchored_factorize
 from ...modules import in_out_features, linear_weight
 from ..factorized import factorized_forward
 from .config import SharedBasisConfig
-from .grouping import DENSE, allocate_ranks, by_type, output_scales, plan_groups, uniform_rank
+from .grouping import allocate_ranks, by_type, output_scales, plan_groups, split_dense, uniform_rank
 
 __all__ = ["AnchoredCompressor", "held_apart_batches"]
 
@@ -140,9 +140,8 @@ class AnchoredCompressor(LayerHandler):
         else:
             ranks = [uniform_rank(g, config) for g in self.groups]
         # dense_at_break_even: these keep their dense weights; the fit, the sink and the report see the others
-        self.dense = [g.members[0] for g, r in zip(self.groups, ranks) if r == DENSE]
-        self.dense_reports = [g.dense_report() for g, r in zip(self.groups, ranks) if r == DENSE]
-        self.groups, ranks = [g for g, r in zip(self.groups, ranks) if r != DENSE], [r for r in ranks if r != DENSE]
+        self.groups, ranks, self.dense_groups = split_dense(self.groups, ranks)
+        self.dense = [g.members[0] for g in self.dense_groups]
         self.group_of = {g.members[0]: g for g in self.groups}
         self.rank_of = {g.members[0]: r for g, r in zip(self.groups, ranks)}
         self.holdout = held_apart_batches(len(run.batches), config.holdout_fraction)
@@ -186,7 +185,7 @@ class AnchoredCompressor(LayerHandler):
         return self.sink.finish(self.config, self.run, self.groups, self.rank_of, self)
 
     def report(self) -> list[dict]:
-        return [self.reports[g.key] for g in self.groups] + self.dense_reports
+        return [self.reports[g.key] for g in self.groups] + [g.dense_report() for g in self.dense_groups]
 
     # ---- one sub-layer: anchored factorisation ----------------------------------------------------
     def _fit_stage(self, layer, stage: list[str], dense_inputs) -> dict[str, list]:

@@ -78,7 +78,8 @@ class SharedBasisConfig(PeftBasisConfig):
             reaches the rank at which factors stop saving parameters stays dense: its exact weight costs a few
             parameters more than those factors (``d_in d_out`` against ``r (d_in + d_out)``), is faster (one product
             instead of two) and loses nothing; the rest of the budget is allocated again among the other modules, so
-            the total stays within it. ``False``: every target is factorised, at most at that rank.
+            the total stays within it. ``False``: every target is factorised, at most at that rank. Not applied by
+            ``group_size="auto"``'s per-type plans nor by ``compress_sequential``'s dense/compressed-input compressor.
         keep_dense_weight: keep the original dense weights in memory (needed for
             ``disable_adapter()``); off by default, since dropping them is what makes the model smaller.
         groups: filled at creation: group key -> member module names. With ``rank_pattern`` it lets

@@ -18,7 +18,7 @@ from ...modules import layer_index, module_type
 from .config import DEFAULT_SHARED_MODULES, SharedBasisConfig
 
 __all__ = ["DENSE", "GLOBAL_MIN_FRACTION", "Group", "allocate_ranks", "by_type", "chunk", "group_gram", "loss_scores",
-           "plan_groups", "rank_bounds", "record_groups", "scored_rank", "uniform_rank"]
+           "plan_groups", "rank_bounds", "record_groups", "scored_rank", "split_dense", "uniform_rank"]
 
 # Global allocation: every group first gets this fraction of its uniform rank, so that no module is
 # starved (a module with a flat whitened spectrum scores low per parameter everywhere, yet a
@@ -170,23 +170,27 @@ def allocate_ranks(groups: list[Group], config: SharedBasisConfig, spectrum, sta
         return ranks
     # A private module allocated its break-even rank keeps its dense weight instead (a few parameters more, exact,
     # one product instead of two); the others share what is left, which may push more of them there: repeat.
-    dense: set[int] = set()
-    while True:
-        new = {i for i, (g, r) in enumerate(zip(groups, ranks))
-               if i not in dense and len(g.members) == 1 and r >= scored_rank(g)}
-        if not new:
-            return [DENSE if i in dense else r for i, r in enumerate(ranks)]
-        rest = [i for i in range(len(groups)) if i not in dense | new]
-        left = budget - sum(groups[i].dense_params for i in dense | new)
+    while True:  # ranks holds DENSE for the modules already kept dense
+        dense = {i for i, (g, r) in enumerate(zip(groups, ranks))
+                 if r == DENSE or (len(g.members) == 1 and r >= scored_rank(g))}
+        rest = [i for i in range(len(groups)) if i not in dense]
+        if all(ranks[i] == DENSE for i in dense):  # no module newly at break-even
+            return ranks
+        left = budget - sum(groups[i].dense_params for i in dense)
         try:
             again = greedy_allocate([scores[i] for i in rest], [groups[i].cost for i in rest], left,
                                     r_min=[r_min[i] for i in rest], r_max=[caps[i] for i in rest])
         except ValueError:  # the others' minimum ranks would not fit: stop at the last allocation that did
-            return [DENSE if i in dense else r for i, r in enumerate(ranks)]
-        dense |= new
-        ranks = [0] * len(groups)
+            return ranks
+        ranks = [DENSE] * len(groups)
         for i, r in zip(rest, again):
             ranks[i] = r
+
+
+def split_dense(groups: list[Group], ranks: list[int]) -> tuple[list[Group], list[int], list[Group]]:
+    """An allocation split into the factorised groups with their ranks, and the groups kept :data:`DENSE`."""
+    kept = [(g, r) for g, r in zip(groups, ranks) if r != DENSE]
+    return [g for g, _ in kept], [r for _, r in kept], [g for g, r in zip(groups, ranks) if r == DENSE]
 
 
 def scored_rank(g: Group) -> int:

@@ -35,7 +35,6 @@ from ..factorized import dense_is_dropped, drop_dense_weight, factorized_forward
 from .config import SharedBasisConfig
 from .grouping import (
     Group,
-    DENSE,
     allocate_ranks,
     by_type,
     chunk,
@@ -44,6 +43,7 @@ from .grouping import (
     plan_groups,
     rank_bounds,
     record_groups,
+    split_dense,
     uniform_rank,
 )
 from .anchored import AnchoredCompressor, held_apart_batches
@@ -357,8 +357,7 @@ class SharedBasisModel(PeftBasisTuner):
                     spectra[g.key] = normalised_spectrum(group_spectrum(weights(g), gram(g.members), config.damping,
                                                                         g.members[0], scales(g)))
                 ranks = allocate_ranks(groups, config, lambda g: spectra[g.key], stats)
-                kept_dense = [g for g, r in zip(groups, ranks) if r == DENSE]  # dense_at_break_even: no factors
-                groups, ranks = [g for g, r in zip(groups, ranks) if r != DENSE], [r for r in ranks if r != DENSE]
+                groups, ranks, kept_dense = split_dense(groups, ranks)  # dense_at_break_even: no factors
                 jobs = ((g, r, [r], gram(g.members)) for g, r in zip(groups, ranks))
                 with closing(map_decompositions(lambda job: factorise(*job[:3], g_gram=job[3]), jobs)) as done:
                     for g, result in zip(tqdm(groups, desc="factorising", unit="group"), done):
