@@ -7,6 +7,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from .memory import trim_memory
+
 __all__ = ["decomposition_workers", "map_decompositions"]
 
 
@@ -26,7 +28,9 @@ def map_decompositions(fn, items: Iterable) -> Iterator:
     collapse of multi-threaded BLAS and ``eigh`` on busy cores (no thread waits on another). ``items`` is
     read in the calling thread, at most ``2 * workers`` ahead of the results consumed, so anything it
     computes (and warns about) happens there and only a few results wait in memory. One thread per call
-    also makes every result independent of the worker count (BLAS may round differently on more threads)."""
+    also makes every result independent of the worker count (BLAS may round differently on more threads).
+    The workers' freed temporaries (float64 copies, kept by glibc in per-thread arenas) are returned to the
+    system every few results and at the end, so they do not add to the peak memory."""
     workers = decomposition_workers()
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # read by each worker thread when it starts (torch's thread count is global)
@@ -36,6 +40,7 @@ def map_decompositions(fn, items: Iterable) -> Iterator:
                 yield fn(item)
         finally:
             torch.set_num_threads(before)
+            trim_memory()
         return
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
@@ -47,12 +52,17 @@ def map_decompositions(fn, items: Iterable) -> Iterator:
             pending.append(pool.submit(fn, item))
             if len(pending) >= 2 * workers:
                 break
+        done = 0
         while pending:
             result = pending.popleft().result()
             for item in source:
                 pending.append(pool.submit(fn, item))
                 break
+            done += 1
+            if done % 8 == 0:
+                trim_memory()
             yield result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(before)
+        trim_memory()

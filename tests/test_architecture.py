@@ -11,7 +11,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Lower layers never import higher ones (same layer: allowed, as long as there is no circle).
 LAYERS = [
     ["_version", "errors", "_peft_type", "modules", "budget", "distributed", "evaluation", "data", "validation",
-     "fingerprint"],
+     "fingerprint", "memory"],
     ["linalg", "io", "parallel"],
     ["calibration"],
     ["tuners"],

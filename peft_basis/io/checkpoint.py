@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..memory import trim_memory
 
 __all__ = ["ShardedCheckpoint", "materialize", "meta_model", "release", "set_tensor", "trim_memory"]
 
@@ -99,24 +100,6 @@ def materialize(module: nn.Module, prefix: str, ckpt: ShardedCheckpoint, dtype: 
         if tuple(value.shape) != tuple(t.shape):
             raise CheckpointError(f"{prefix + name}: checkpoint shape {tuple(value.shape)} != model shape {tuple(t.shape)}.")
         set_tensor(module, name, value.to(device))
-
-
-def trim_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and RSS then creeps up a few MB per
-    layer, which over 80 layers would look like growth with depth). A no-op where glibc is absent."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            import ctypes
-
-            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM = None
 
 
 def release(module: nn.Module) -> None:

@@ -12,9 +12,13 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..memory import release_pages
+
 
 def drop_dense_weight(base_layer: nn.Module) -> None:
+    """Replace the dense weight by an empty one; the pages it held from a mapped checkpoint go back to the system."""
     w = base_layer.weight
+    release_pages(w)
     base_layer._parameters["weight"] = nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
 
 
