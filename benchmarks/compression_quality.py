@@ -69,6 +69,17 @@ def param_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def page_in(model) -> None:
+    """Read every parameter once, so the model's mapped checkpoint pages are all resident before a peak-memory
+    baseline (the forward alone leaves the embedding rows of unseen tokens on disk, and the calibration then pages
+    them in: they would count as the compression's)."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            float(p.sum())
+
+
 def bare_forward_seconds(model, batches) -> float:
     """The floor a calibration is measured against: the bare forward passes of the decoder stack (no LM head)
     over the same batches, after one warm-up pass."""

@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 sys.path.insert(0, HERE)
 
-from compression_quality import bare_forward_seconds, param_bytes, run_worker  # noqa: E402
+from compression_quality import bare_forward_seconds, page_in, param_bytes, run_worker  # noqa: E402
 
 CONFIGS = {
     "whitened": dict(group_size=1),
@@ -107,6 +107,7 @@ def run_config(name: str, ratio: float, threads: int, calib_blocks: int) -> dict
     batches = [calib[i : i + 4] for i in range(0, calib_blocks, 4)]
     model_bytes = param_bytes(model)
     forward = bare_forward_seconds(model, batches)
+    page_in(model)
     config = peft_basis.SharedBasisConfig(compression_ratio=ratio, **CONFIGS[name])
     sampler = PhaseSampler()
     base, base_anon = sampler.rss(), sampler.anonymous()

@@ -39,7 +39,7 @@ import tempfile
 import time
 import warnings
 
-from compression_quality import bare_forward_seconds, param_bytes, run_worker
+from compression_quality import bare_forward_seconds, page_in, param_bytes, run_worker
 from standalone import weights_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -99,6 +99,7 @@ def work_compress(name: str, args) -> dict:
     batches = [calib[i : i + 4] for i in range(0, calib.shape[0], 4)]
     model_bytes, dense_params = param_bytes(model), count_parameters(model)
     forward_seconds = bare_forward_seconds(model, batches)
+    page_in(model)
     config = config_for(name, args.ratio)
     reset_peak_rss()
     base_rss = peak_rss_bytes()

@@ -2,8 +2,8 @@
 weight (or of a group of weights sharing one input basis), canonical signs, calibration errors.
 
 Conventions: ``W`` is a weight as ``nn.Linear`` stores it, ``d_out x d_in`` (y = x W^T);
-``G = X^T X`` is the Gram of the calibration inputs (``d_in x d_in``). All factorisations
-run in float64 (the Grams of real models span many orders of magnitude) and return float32.
+``G = X^T X`` is the Gram of the calibration inputs (``d_in x d_in``). Factorisations run in
+float64 (the Grams of real models span many orders of magnitude; ``factorize_group`` optionally float32) and return float32.
 
 The factorisation of a group (:func:`factorize_group`) works on the SMALL side of the problem. With
 ``W`` the members' weights stacked (``m x d_in``, ``m = n * d_out``) and ``G`` the group's input Gram,
@@ -31,7 +31,7 @@ import torch
 from .errors import CalibrationError
 
 __all__ = [
-    "DEFAULT_DAMPING", "CalibrationError", "GroupFactors", "Whitener", "WhitenerCache", "anchored_error",
+    "DEFAULT_DAMPING", "CalibrationError", "GroupFactors", "OutputGram", "Whitener", "WhitenerCache", "anchored_error",
     "anchored_factorize", "anchored_target", "canonical_signs",
     "check_finite_gram", "decomposition_threads", "factorize_group", "group_spectrum", "member_error",
     "member_errors", "normalised_spectrum", "robust_eigh", "warn_if_rank_deficient", "whitened_svd",
@@ -171,6 +171,17 @@ def warn_if_rank_deficient(whitener: Whitener, name: str, tokens: int) -> None:
 
 # ---- the whitened factorisation of a group of weights sharing one input basis ------------------------
 @dataclass
+class OutputGram:
+    """What the whitened factorisation of one module whose output is no wider than its input reads, streamed
+    instead of its input Gram: ``matrix = Y^T Y`` of its outputs (bias removed; ``= W G W^T``), ``d_out x d_out``
+    instead of ``d_in x d_in``, and ``input_trace = tr(G)`` (the damping's scale)."""
+
+    matrix: torch.Tensor
+    input_trace: float
+    d_in: int
+
+
+@dataclass
 class GroupFactors:
     """``W_i ~ coefficients[i] @ basis`` for every member. ``eigenvalues``: the whole whitened spectrum
     (squared singular values of ``W S^T``, descending, float64), for rank decisions and errors."""
@@ -213,70 +224,86 @@ def _input_factor(gram64: torch.Tensor, damping: float, name: str) -> torch.Tens
     return w.eigenvectors * w.eigenvalues.sqrt()[None, :]  # Q diag(sqrt(lam)): L L^T = G (clamped)
 
 
-def _small_side(stacked: torch.Tensor, gram: torch.Tensor | None, damping: float, name: str):
-    """(side, matrix, L): the symmetric matrix whose eigenvectors give the factors."""
+def _small_side(stacked: torch.Tensor, gram: torch.Tensor | OutputGram | None, damping: float, name: str,
+                scales: torch.Tensor | None = None):
+    """(side, matrix, L): the symmetric matrix whose eigenvectors give the factors (``scales``: the output
+    scales ``stacked``'s rows carry, which an :class:`OutputGram` does not)."""
     m, d = stacked.shape
     if gram is None:  # data-free: plain SVD of the stacked weights
         return ("out", stacked @ stacked.T, None) if m <= d else ("in", stacked.T @ stacked, None)
+    if isinstance(gram, OutputGram):  # S W (G + floor I) W^T S = S Y^T Y S + floor (S W)(S W)^T
+        if m > d or gram.matrix.shape[0] != m:
+            raise ValueError(f"{name}: an output Gram serves one module whose output is no wider than its input.")
+        check_finite_gram(gram.matrix, name)
+        mat = gram.matrix.detach().to(stacked.dtype)
+        if scales is not None:
+            mat = scales[:, None] * mat * scales[None, :]
+        floor = damping * gram.input_trace / gram.d_in  # what _damped_gram adds; tr(G) = 0: no token reached it
+        return "out", torch.addmm(mat, stacked, stacked.T, alpha=floor), None
     g = _damped_gram(gram, damping, name)
     if m <= d:
-        return "out", (stacked @ g) @ stacked.T, None
-    L = _input_factor(g, damping, name)
+        return "out", (stacked @ g.to(stacked.dtype)) @ stacked.T, None
+    L = _input_factor(g, damping, name).to(stacked.dtype)  # the factor itself in float64: G may be ill-conditioned
     t = stacked @ L
     return "in", t.T @ t, t
 
 
-def group_spectrum(weights: list[torch.Tensor], gram: torch.Tensor | None, damping: float = DEFAULT_DAMPING,
-                   name: str = "module", output_scales: list[torch.Tensor] | None = None) -> torch.Tensor:
+def group_spectrum(weights: list[torch.Tensor], gram: torch.Tensor | OutputGram | None, damping: float = DEFAULT_DAMPING,
+                   name: str = "module", output_scales: list[torch.Tensor] | None = None,
+                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The whitened spectrum of a group (squared singular values of ``[W_1; ...; W_n] S^T``, descending,
     float64), from ``eigvalsh`` alone (of the rows scaled by ``output_scales``, as :func:`factorize_group`)."""
-    stacked = _scaled_rows(weights, output_scales)
-    _, mat, _ = _small_side(stacked, gram, damping, name)
+    stacked = _scaled_rows(weights, output_scales, dtype)
+    _, mat, _ = _small_side(stacked, gram, damping, name, _joined(output_scales, dtype))
     with decomposition_threads():
-        return torch.linalg.eigvalsh(mat).flip(0).clamp_min(0)
+        return torch.linalg.eigvalsh(mat).flip(0).clamp_min(0).to(torch.float64)
 
 
-def _scaled_rows(weights: list[torch.Tensor], output_scales: list[torch.Tensor] | None) -> torch.Tensor:
-    """The members stacked in float64, each row times its output scale (when given)."""
+def _joined(scales: list[torch.Tensor] | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if scales is None else torch.cat([s.to(dtype) for s in scales])
+
+
+def _scaled_rows(weights: list[torch.Tensor], output_scales: list[torch.Tensor] | None, dtype) -> torch.Tensor:
+    """The members stacked in ``dtype``, each row times its output scale (when given)."""
     if output_scales is None:
-        return torch.cat([w.detach().to(torch.float64) for w in weights], dim=0)
-    return torch.cat([w.detach().to(torch.float64) * s.to(torch.float64)[:, None]
-                      for w, s in zip(weights, output_scales)], dim=0)
+        return torch.cat([w.detach().to(dtype) for w in weights], dim=0)
+    return torch.cat([w.detach().to(dtype) * s.to(dtype)[:, None] for w, s in zip(weights, output_scales)], dim=0)
 
 
-def factorize_group(weights: list[torch.Tensor], gram: torch.Tensor | None, rank: int,
+def factorize_group(weights: list[torch.Tensor], gram: torch.Tensor | OutputGram | None, rank: int,
                     damping: float = DEFAULT_DAMPING, name: str = "module",
-                    output_scales: list[torch.Tensor] | None = None) -> GroupFactors:
+                    output_scales: list[torch.Tensor] | None = None, dtype: torch.dtype = torch.float64) -> GroupFactors:
     """Rank-``rank`` factors with one input-side basis shared by ``weights`` (each ``d_out x d_in``),
-    minimising ``sum_i ||(W_i - C_i B) X^T||_F^2`` where ``X^T X = gram`` (the group's summed input
-    Gram; ``None``: plain SVD). Deterministic signs (each basis direction's largest coefficient entry is
-    positive), so the same inputs give the same tensors on any path (whole model or layer by layer).
+    minimising ``sum_i ||(W_i - C_i B) X^T||_F^2`` where ``X^T X = gram`` (the group's summed input Gram, or
+    one member's :class:`OutputGram`; ``None``: plain SVD). Deterministic signs (each basis direction's largest
+    coefficient entry is positive), so the same inputs give the same tensors on any path.
 
     ``output_scales`` (one positive ``d_out_i`` vector per member): minimise ``sum_i ||S_i (W_i - C_i B)
     X^T||_F^2`` instead (``S_i`` diagonal): output rows that matter more are fitted better. Exact: the
     weighted problem is the plain one for ``S_i W_i``, whose coefficients are scaled back by ``S_i^-1``;
-    ``eigenvalues`` are then the weighted spectrum."""
-    stacked = _scaled_rows(weights, output_scales)
+    ``eigenvalues`` are then the weighted spectrum. ``dtype``: the precision of the products and the
+    eigendecomposition (``float32``: about twice as fast; the Gram's Cholesky factor is made in float64)."""
+    stacked = _scaled_rows(weights, output_scales, dtype)
     max_rank = min(stacked.shape)
     if not 0 < rank <= max_rank:
         raise ValueError(f"rank {rank} is outside [1, {max_rank}] for a stacked weight of shape {tuple(stacked.shape)}")
-    side, mat, t = _small_side(stacked, gram, damping, name)
+    side, mat, t = _small_side(stacked, gram, damping, name, _joined(output_scales, dtype))
     with decomposition_threads():
         lam, vec = torch.linalg.eigh(mat)  # reads one triangle: no symmetrising needed
-    lam, vec = lam.flip(0).clamp_min(0), vec.flip(1)
+    lam, vec = lam.flip(0).clamp_min(0).to(torch.float64), vec.flip(1)
     if side == "out":
         u = vec[:, :rank]
     else:
         # U_k Sigma_k = (W L) V_k; directions with sigma ~ 0 carry nothing and get a zero column
-        sigma = lam[:rank].sqrt()
-        keep = sigma > sigma[0] * 1e-12 if rank else sigma > 0
+        sigma = lam[:rank].sqrt().to(dtype)
+        keep = sigma > sigma[0] * (1e-12 if dtype == torch.float64 else 1e-6) if rank else sigma > 0
         u = ((stacked if t is None else t) @ vec[:, :rank]) / torch.where(keep, sigma, torch.ones_like(sigma))
         u = u * keep
     u = u * canonical_signs(u)[None, :]
     basis = u.T @ stacked
     coefficients = list(torch.split(u, [w.shape[0] for w in weights], dim=0))
     if output_scales is not None:
-        coefficients = [c / s.to(torch.float64)[:, None] for c, s in zip(coefficients, output_scales)]
+        coefficients = [c / s.to(dtype)[:, None] for c, s in zip(coefficients, output_scales)]
     return GroupFactors(basis.to(torch.float32), [c.to(torch.float32).contiguous() for c in coefficients], lam)
 
 

@@ -74,17 +74,21 @@ def check_finite_weights(model: torch.nn.Module, names, what: str = "this compre
     """Every parameter of the modules ``names`` must be finite (a NaN weight gives NaN factors, NaN logits)."""
     modules = dict(model.named_modules())
     for n in names:
-        module = getattr(modules[n], "base_layer", modules[n])  # already wrapped by another adapter
-        for pname, p in module.named_parameters(recurse=False):
-            if p.device.type == "meta" or p.numel() == 0 or not p.is_floating_point():
-                continue
-            if not bool(torch.isfinite(p).all()):
-                bad = int((~torch.isfinite(p)).sum())
-                raise ValueError(
-                    f"{n}.{pname} holds {bad} NaN/Inf values, so {what} would give NaN factors and NaN logits. The base "
-                    "model is damaged (a failed load, an overflow in an earlier edit, a corrupt checkpoint): reload it "
-                    "from its checkpoint, in float32 or bfloat16."
-                )
+        check_finite_parameters(getattr(modules[n], "base_layer", modules[n]), n, what)  # base_layer: wrapped already
+
+
+def check_finite_parameters(module: torch.nn.Module, name: str, what: str = "this compression") -> None:
+    """The parameters of ``module`` (named ``name``) must be finite."""
+    for pname, p in module.named_parameters(recurse=False):
+        if p.device.type == "meta" or p.numel() == 0 or not p.is_floating_point():
+            continue
+        if not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            raise ValueError(
+                f"{name}.{pname} holds {bad} NaN/Inf values, so {what} would give NaN factors and NaN logits. The base "
+                "model is damaged (a failed load, an overflow in an earlier edit, a corrupt checkpoint): reload it "
+                "from its checkpoint, in float32 or bfloat16."
+            )
 
 
 # ---- token batches ------------------------------------------------------------------------------------

@@ -82,6 +82,10 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
         assert set(stats.tokens.values()) == {2 * 4 * 32}
         for k, g in single.grams.items():
             torch.testing.assert_close(stats.grams[k], g, atol=1e-4, rtol=1e-5)
+        streamed = [k for k in single.extra if k.startswith(("output_gram/", "input_trace/"))]  # down_proj's, by default
+        assert len(streamed) == 2 * 2
+        for k in streamed:
+            torch.testing.assert_close(stats.extra[k].double(), single.extra[k].double(), atol=1e-4, rtol=1e-5)
     assert all(torch.equal(ranks[0].grams[k], ranks[1].grams[k]) for k in single.grams)  # identical on every rank
 
     # the layer-by-layer compression, run on two ranks, writes the single-process adapter (rank 0 alone writes)

@@ -260,15 +260,17 @@ def test_statistics_files_are_checked_on_load(tmp_path):
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata()
     tensors = load_file(path)
-    first = sorted(tensors)[0]
-    for edit, message in ((lambda t: t.__setitem__(first, t[first].int()), "stored as torch.int32"),
-                          (lambda t: t.pop(first), "is incomplete"),
-                          (lambda t: t[first].view(-1)[0].fill_(float("nan")), "NaN or Inf")):
-        damaged = {k: v.clone() for k, v in tensors.items()}
-        edit(damaged)
-        save_file(damaged, str(tmp_path / "d.safetensors"), metadata=metadata)
-        with pytest.raises(CalibrationError, match=message):
-            CalibrationStatistics.load(str(tmp_path / "d.safetensors"))
+    # an input Gram, an output Gram (down_proj's, streamed by default), the input trace beside it
+    firsts = [min(k for k in tensors if k.startswith(p)) for p in ("gram/", "extra/output_gram/", "extra/input_trace/")]
+    for first in firsts:
+        for edit, message in ((lambda t: t.__setitem__(first, t[first].int()), "stored as torch.int32"),
+                              (lambda t: t.pop(first), "incomplete"),
+                              (lambda t: t[first].view(-1)[0].fill_(float("nan")), "NaN or Inf")):
+            damaged = {k: v.clone() for k, v in tensors.items()}
+            edit(damaged)
+            save_file(damaged, str(tmp_path / "d.safetensors"), metadata=metadata)
+            with pytest.raises(CalibrationError, match=message):
+                CalibrationStatistics.load(str(tmp_path / "d.safetensors"))
 
 
 def test_the_live_config_passed_to_from_pretrained_loads(saved, tmp_path):
@@ -289,10 +291,13 @@ def test_fp32_adapter_loads_onto_a_half_precision_base(saved):
 def test_nan_weight_is_refused_before_compression():
     base = tiny_llama(2)
     base.model.layers[1].mlp.down_proj.weight.data[0, 0] = float("nan")
-    config = SharedBasisConfig(group_size=1)
+    config = SharedBasisConfig(group_size=1, output_grams=False)
     calibrate(base, config, DATA, progress=False)
     with pytest.raises(ValueError, match=r"down_proj.weight holds 1 NaN.*reload it"):
         get_peft_model(base, config)
+    # with its output Gram streamed (the default), the NaN shows there: refused at calibration, by the same message
+    with pytest.raises(ValueError, match=r"down_proj.weight holds 1 NaN.*reload it"):
+        calibrate(base, SharedBasisConfig(group_size=1), DATA, progress=False)
 
 
 def test_every_calibration_pass_sees_the_batches_of_a_one_shot_iterator():
@@ -309,7 +314,8 @@ def test_compression_ratio_zero_and_shared_modules_naming_nothing_are_refused():
     with pytest.raises(ConfigError, match="fraction of parameters removed.*do not compress"):
         SharedBasisConfig(compression_ratio=0)
     config = SharedBasisConfig(group_size=2, shared_modules=["qproj"])
-    calibrate(tiny_llama(2), config, DATA, progress=False)
+    with pytest.raises(ConfigError, match=r"\['qproj'\] name no targeted matrix.*self_attn.q_proj"):
+        calibrate(tiny_llama(2), config, DATA, progress=False)  # before any work
     with pytest.raises(ConfigError, match=r"\['qproj'\] name no targeted matrix.*self_attn.q_proj"):
         get_peft_model(tiny_llama(2), config)
     with pytest.raises(ConfigError, match="would be ignored"):

@@ -105,7 +105,7 @@ def test_layer_grams_equal_whole_model_grams_and_qkv_share_one(tmp_path):
     mask = torch.ones_like(ids)
     mask[0, 11:] = 0  # right padding: padded tokens must not enter the Grams
     data = [{"input_ids": ids, "attention_mask": mask}, {"input_ids": ids.flip(0), "attention_mask": mask.flip(0)}]
-    config = SharedBasisConfig()
+    config = SharedBasisConfig(output_grams=False)  # input Grams everywhere, as the layer pipeline streams
     whole = calibrate(base, config, data, progress=False)
     seen_layers = []
     for item in layer_events(path, SharedBasisConfig(), data):

@@ -79,7 +79,7 @@ def calibrate(
         batches = list(islice(dataloader, max_batches))  # ids only: small, and a one-shot iterable serves every pass
         held = set(method.held_apart_batches(config, len(batches)))
         run = WholeModelPipeline(model, names, [b for i, b in enumerate(batches) if i not in held], progress=progress)
-        stats = run.grams()
+        stats = run.grams(output_modules=method.output_gram_modules(model, config, names))
         stats.meta["base_model_fingerprint"] = statistics_fingerprint(model, names)
         if held:  # kept out of the fitted Grams: the method chooses on them, then adds their Grams back
             held_batches = [batches[i] for i in sorted(held)]

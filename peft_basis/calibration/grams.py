@@ -3,7 +3,9 @@
 Nothing is kept but the running sums. The Gram arithmetic is kept near its floor (``d_in^2 / 2``
 multiply-adds per token and *distinct* input) by (1) sharing one Gram between the Linears that read
 the same tensor (q/k/v, gate/up), and (2) computing only the upper block-triangle of each Gram.
-Both pipelines (:mod:`peft_basis.calibration.pipelines`) attach these hooks.
+Both pipelines (:mod:`peft_basis.calibration.pipelines`) attach these hooks. A module whose method needs only
+``W G W^T`` (``output_modules``: a private whitened factorisation of a module with a narrower output than input)
+streams ``Y^T Y`` of its outputs instead, unless another target reads the same input (whose Gram is then made anyway).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 from torch import nn
 
 from ..modules import in_out_features
-from .statistics import CalibrationStatistics
+from ..validation import check_finite_parameters
+from .statistics import INPUT_TRACE, OUTPUT_GRAM, CalibrationStatistics
 
 # Below this width one GEMM is cheapest; above it, splitting into blocks and skipping the lower
 # triangle saves (nb - 1) / (2 nb) of the Gram arithmetic for a few extra kernel launches.
@@ -82,9 +85,12 @@ def model_device(model: nn.Module) -> torch.device:
 class GramCollector:
     """Forward hooks on ``modules`` that stream their input Grams into a :class:`CalibrationStatistics`."""
 
-    def __init__(self, modules: dict[str, nn.Module], stats: CalibrationStatistics | None = None):
+    def __init__(self, modules: dict[str, nn.Module], stats: CalibrationStatistics | None = None,
+                 output_modules: Iterable[str] = ()):
         self.modules = modules
         self.stats = stats if stats is not None else CalibrationStatistics()
+        self.output_candidates = set(output_modules) & set(modules)
+        self.output_mode: set[str] = set()  # the candidates that turned out to be their input's only reader
         self._seen: dict[int, tuple] = {}  # id(tensor) -> (weakref, Gram key), current batch
         self.token_mask: torch.Tensor | None = None
         self._handles = []
@@ -109,12 +115,18 @@ class GramCollector:
             if owner is None and seen is not None and seen[0]() is x:
                 self.stats.sources[name] = seen[1]
                 return
+            if owner is None and name in self.output_candidates:
+                self.output_mode.add(name)  # (not in _seen: a later reader of x makes its own input Gram)
             self.stats.sources[name] = name
+            flat = self._tokens(x)
+            if name in self.output_mode:  # the input's trace here (the damping's scale), Y^T Y in the output hook
+                key = INPUT_TRACE + name
+                trace = flat.reshape(-1).dot(flat.reshape(-1)).double().reshape(1)
+                self.stats.extra[key] = trace if key not in self.stats.extra else self.stats.extra[key] + trace
+                self.stats.tokens[name] = self.stats.tokens.get(name, 0) + flat.shape[0]
+                self.stats.meta.setdefault("output_gram_inputs", {})[name] = flat.shape[1]
+                return
             self._seen[id(x)] = (weakref.ref(x), name)
-            flat = x.detach().reshape(-1, x.shape[-1])
-            if self.token_mask is not None and self.token_mask.numel() == flat.shape[0]:
-                flat = flat[self.token_mask]
-            flat = flat.float()
             if name not in self.stats.grams:
                 d = in_out_features(module)[0]
                 self.stats.grams[name] = torch.zeros(d, d, dtype=torch.float32, device=flat.device)
@@ -124,11 +136,34 @@ class GramCollector:
 
         return hook
 
+    def _tokens(self, t: torch.Tensor) -> torch.Tensor:
+        flat = t.detach().reshape(-1, t.shape[-1])
+        if self.token_mask is not None and self.token_mask.numel() == flat.shape[0]:
+            flat = flat[self.token_mask]
+        return flat.float()
+
+    def _output_hook(self, name: str):
+        def hook(module, args, output):
+            if name not in self.output_mode:
+                return
+            y = self._tokens(output)
+            bias = getattr(module, "bias", None)
+            if bias is not None:
+                y = y - bias.detach().float()
+            key = OUTPUT_GRAM + name
+            if key not in self.stats.extra:
+                self.stats.extra[key] = torch.zeros(y.shape[1], y.shape[1], dtype=torch.float32, device=y.device)
+            accumulate_gram(self.stats.extra[key], y)
+
+        return hook
+
     @contextmanager
     def attached(self):
         try:
             for name, m in self.modules.items():
                 self._handles.append(m.register_forward_pre_hook(self._hook(name)))
+                if name in self.output_candidates:
+                    self._handles.append(m.register_forward_hook(self._output_hook(name)))
             yield self
         finally:
             for h in self._handles:
@@ -138,8 +173,11 @@ class GramCollector:
     def finalize(self) -> CalibrationStatistics:
         """Mirror the Grams, all-reduce them across ``torch.distributed`` ranks, check them."""
         self.end_batch()
-        for g in self.stats.grams.values():
+        for g in [*self.stats.grams.values(), *(self.stats.extra[OUTPUT_GRAM + n] for n in self.output_mode)]:
             symmetrize(g)
+        for n in self.output_mode:  # a non-finite output Gram from finite inputs: the module's own weights
+            if not torch.isfinite(self.stats.extra[OUTPUT_GRAM + n].sum()):
+                check_finite_parameters(self.modules[n], n, "calibrating it")
         self.stats.all_reduce()
         self.stats.validate()
         return self.stats

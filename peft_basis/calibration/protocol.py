@@ -8,6 +8,10 @@ is a :class:`CalibrationMethod`. The pipelines ask it, never guess by attribute 
   needed, and of which directions (a :class:`~peft_basis.calibration.fisher.FisherPlan`) given the
   modules' Grams. Either pipeline then runs the backward passes (whole model, or the layer-sequential
   backward sweep).
+- ``output_gram_modules(model, config, names)``: the targets whose fit reads only ``W G W^T`` (a private
+  whitened factorisation with an output narrower than the input): the whole-model pipeline streams their
+  output Grams (``d_out^2`` instead of ``d_in^2``: less memory and arithmetic) where no other target reads
+  the same input. Default: none.
 - ``extra_calibration(model, config, stats, dataloader, ...)``: anything else the method keeps from the
   calibration data (Basis Sharing's ``group_size="auto"`` keeps token ids to score groupings on).
 - ``held_apart_batches(config, n_batches)``: calibration batches to keep out of the fitted Grams (the method
@@ -52,6 +56,10 @@ class CalibrationMethod(abc.ABC):
         """The directions whose Fisher scores the method needs (``None``: none), from ``names``' Grams
         (``progress``: a progress bar while they are computed, for a whole model's worth of ``names``)."""
         return None
+
+    @classmethod
+    def output_gram_modules(cls, model: nn.Module, config, names: list[str]) -> list[str]:
+        return []
 
     @classmethod
     def extra_calibration(cls, model: nn.Module, config, stats, dataloader, *, max_batches=None,

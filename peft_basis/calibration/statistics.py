@@ -11,9 +11,12 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CalibrationError
 from ..io import atomic_write, atomic_write_text
-from ..linalg import check_finite_gram
+from ..linalg import OutputGram, check_finite_gram
 
 FORMAT_VERSION = 1
+# A module whose method needs only its output statistics (see ``CalibrationMethod.output_gram_modules``) has,
+# instead of an input Gram, ``extra[OUTPUT_GRAM + name]`` (``Y^T Y``) and ``extra[INPUT_TRACE + name]`` (``tr(X^T X)``)
+OUTPUT_GRAM, INPUT_TRACE = "output_gram/", "input_trace/"
 
 
 @dataclass
@@ -23,7 +26,8 @@ class CalibrationStatistics:
     ``grams[key]`` is ``sum_tokens x^T x`` (float32, ``d_in x d_in``) of one *distinct input*;
     ``sources[module_name]`` says which key a module's input Gram lives under (q/k/v of one layer
     read the same tensor and share one key), ``tokens[key]`` how many tokens it saw.
-    ``extra`` holds method-specific tensors (e.g. Fisher scores, ``"fisher/<module>"``).
+    ``extra`` holds method-specific tensors (e.g. Fisher scores, ``"fisher/<module>"``; output Grams,
+    ``"output_gram/<module>"``, for the modules whose method asked for them instead of their input Grams).
     """
 
     grams: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -36,11 +40,25 @@ class CalibrationStatistics:
         try:
             return self.grams[self.sources[module_name]]
         except KeyError:
+            if OUTPUT_GRAM + module_name in self.extra:
+                raise CalibrationError(
+                    f"The calibration statistics of {module_name!r} are its output Gram (streamed for a private whitened "
+                    "factorisation, SharedBasisConfig(output_grams=True)); this config needs its input Gram. Calibrate "
+                    "with this config, or with SharedBasisConfig(output_grams=False) for statistics any method can reuse."
+                ) from None
             raise CalibrationError(
                 f"No calibration statistics for {module_name!r}. It was not a target when `calibrate` ran, or it was "
                 "never called in the forward pass: call `calibrate(model, config, dataloader)` with the same config "
                 "you pass to `get_peft_model`."
             ) from None
+
+    def factorization_gram(self, module_name: str) -> torch.Tensor | OutputGram:
+        """What the whitened factorisation of ``module_name`` reads: its input Gram, or its :class:`OutputGram`."""
+        out = self.extra.get(OUTPUT_GRAM + module_name)
+        if out is None:
+            return self.gram(module_name)
+        d_in = int(self.meta.get("output_gram_inputs", {}).get(module_name, 0))
+        return OutputGram(out, float(self.extra[INPUT_TRACE + module_name]), d_in)
 
     def num_tokens(self, module_name: str) -> int:
         return self.tokens[self.sources[module_name]]
@@ -60,8 +78,13 @@ class CalibrationStatistics:
         return module_name in self.sources
 
     def validate(self) -> None:
-        for key, g in self.grams.items():
-            check_finite_gram(g, key)
+        for key in [*self.grams, *(k[len(OUTPUT_GRAM):] for k in self.extra if k.startswith(OUTPUT_GRAM))]:
+            check_finite_gram(self.grams[key] if key in self.grams else self.extra[OUTPUT_GRAM + key], key)
+            if key not in self.grams:
+                if INPUT_TRACE + key not in self.extra:
+                    raise CalibrationError(f"The statistics are incomplete: the output Gram of {key} has no input trace. "
+                                           "Calibrate again.")
+                check_finite_gram(self.extra[INPUT_TRACE + key], key)
             if self.tokens.get(key, 0) == 0:
                 raise CalibrationError(
                     f"{key} saw no calibration tokens: the dataloader yielded no tokens (empty `input_ids`, or an "
@@ -79,10 +102,11 @@ class CalibrationStatistics:
             torch.distributed.all_reduce(self.grams[k])
         for k in sorted(self.extra):
             torch.distributed.all_reduce(self.extra[k])
-        counts = torch.tensor([self.tokens[k] for k in keys], dtype=torch.float64, device=self.grams[keys[0]].device
-                              if keys else "cpu")
+        counted = sorted(self.tokens)  # the Grams' keys and the output-Gram modules'
+        device = next(iter([*self.grams.values(), *self.extra.values()]), torch.empty(0)).device
+        counts = torch.tensor([self.tokens[k] for k in counted], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(counts)
-        self.tokens = {k: int(c) for k, c in zip(keys, counts.tolist())}
+        self.tokens = {k: int(c) for k, c in zip(counted, counts.tolist())}
 
     def check_fits(self, model, names) -> None:
         """Refuse statistics of another model: each target's Gram must be ``d_in x d_in`` for this model's module,
@@ -160,7 +184,7 @@ class CalibrationStatistics:
         grams = {k[5:] for k in tensors if k.startswith("gram/")}
         # a module's statistics: its Gram, or what stands in for it (BASIS directions, fitted factors)
         lost = [m for m, key in sources.items() if key not in grams and f"extra/basis_R/{m}" not in tensors
-                and f"extra/factors/coefficient/{m}" not in tensors]
+                and f"extra/factors/coefficient/{m}" not in tensors and f"extra/{OUTPUT_GRAM}{m}" not in tensors]
         lost += [k for k in grams if k not in tokens]
         if lost:
             raise CalibrationError(f"{path} is incomplete: it names statistics it does not hold (e.g. {lost[:3]}). "

@@ -35,9 +35,9 @@ class WholeModelPipeline:
         self.model, self.names, self.dataloader = model, target_names, dataloader
         self.max_batches, self.progress = max_batches, progress
 
-    def grams(self, stats: CalibrationStatistics | None = None) -> CalibrationStatistics:
+    def grams(self, stats: CalibrationStatistics | None = None, output_modules=()) -> CalibrationStatistics:
         return collect_grams(self.model, self.names, self.dataloader, max_batches=self.max_batches,
-                             progress=self.progress, stats=stats)
+                             progress=self.progress, stats=stats, output_modules=output_modules)
 
     def fisher(self, plan, stats: CalibrationStatistics) -> dict[str, torch.Tensor]:
         return collect_fisher(self.model, plan.directions, self.dataloader, mode=plan.mode,
@@ -53,14 +53,17 @@ def collect_grams(
     max_batches: int | None = None,
     progress: bool = True,
     stats: CalibrationStatistics | None = None,
+    output_modules: Iterable[str] = (),
 ) -> CalibrationStatistics:
     """One forward pass over ``dataloader`` (no grad, no KV cache), streaming the input Gram of every
-    module in ``target_names``; all-reduced when ``torch.distributed`` is initialised."""
+    module in ``target_names`` (the output Gram of those in ``output_modules`` that are their input's only
+    reader: see :class:`~peft_basis.calibration.grams.GramCollector`); all-reduced when ``torch.distributed``
+    is initialised."""
     named = dict(model.named_modules())
     missing = [n for n in target_names if n not in named]
     if missing:
         raise ValueError(f"calibrate: modules not found in the model: {missing[:5]}")
-    collector = GramCollector({n: named[n] for n in target_names}, stats)
+    collector = GramCollector({n: named[n] for n in target_names}, stats, output_modules)
     runner, _ = backbone(model, target_names)
     device = model_device(model)
     total = len(dataloader) if hasattr(dataloader, "__len__") else None

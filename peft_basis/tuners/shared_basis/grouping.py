@@ -18,7 +18,7 @@ from ...modules import layer_index, module_type
 from .config import DEFAULT_SHARED_MODULES, SharedBasisConfig
 
 __all__ = ["DENSE", "GLOBAL_MIN_FRACTION", "Group", "allocate_ranks", "by_type", "chunk", "group_gram", "loss_scores",
-           "plan_groups", "rank_bounds", "record_groups", "scored_rank", "split_dense", "uniform_rank"]
+           "output_gram_members", "plan_groups", "rank_bounds", "record_groups", "scored_rank", "split_dense", "uniform_rank"]
 
 # Global allocation: every group first gets this fraction of its uniform rank, so that no module is
 # starved (a module with a flat whitened spectrum scores low per parameter everywhere, yet a
@@ -100,10 +100,24 @@ def plan_groups(model_type: str | None, types: dict[str, list[str]], config: Sha
     return groups
 
 
-def group_gram(stats, members: list[str]) -> torch.Tensor:
-    """The input Gram of a group: its members' distinct inputs (q/k/v of one layer share one), summed once."""
-    keys = tuple(sorted({stats.sources[m] for m in members}))
-    return stats.grams[keys[0]] if len(keys) == 1 else sum(stats.grams[k] for k in keys)
+def group_gram(stats, members: list[str]):
+    """The input Gram of a group: its members' distinct inputs (q/k/v of one layer share one), summed once; a
+    one-member group streamed with its output Gram: that (:meth:`CalibrationStatistics.factorization_gram`)."""
+    if len(members) == 1:
+        return stats.factorization_gram(members[0])
+    readers = {stats.sources[m]: m for m in members}  # one member per distinct input (stats.gram: clear errors)
+    grams = [stats.gram(readers[k]) for k in sorted(readers)]
+    return grams[0] if len(grams) == 1 else sum(grams)
+
+
+def output_gram_members(model_type: str | None, names: list[str], config: SharedBasisConfig, shapes: dict) -> list[str]:
+    """The targets ``calibrate`` may stream output Grams for (``config.output_grams``): private modules (a group of
+    one), fitted on the dense inputs, whose output is narrower than their input (``W G W^T = Y^T Y`` is then the
+    smaller statistic, and all their whitened factorisation reads)."""
+    if not config.output_grams or config.inputs != "dense" or config.group_size == "auto":
+        return []
+    groups = plan_groups(model_type, by_type(names), config, shapes)
+    return [g.members[0] for g in groups if len(g.members) == 1 and g.d_out < g.d_in]
 
 
 def record_groups(config: SharedBasisConfig, groups: list[Group], ranks: list[int]) -> None:

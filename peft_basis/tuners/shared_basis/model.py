@@ -39,6 +39,7 @@ from .grouping import (
     by_type,
     chunk,
     group_gram,
+    output_gram_members,
     output_scales,
     plan_groups,
     rank_bounds,
@@ -119,6 +120,13 @@ class SharedBasisModel(PeftBasisTuner):
                 "A model holds one Basis Sharing adapter: it replaces the dense weights. To compare settings, compress "
                 "fresh copies of the base model; to fine-tune the compressed model, stack a LoRA on the merged model."
             )
+
+    @classmethod
+    def output_gram_modules(cls, model, config, names: list[str]) -> list[str]:
+        if not isinstance(config, SharedBasisConfig):
+            return []
+        shapes = {n: in_out_features(model.get_submodule(n)) for n in names}
+        return output_gram_members(getattr(getattr(model, "config", None), "model_type", None), names, config, shapes)
 
     # ---- calibration: what group_size="auto" scores on (see .auto) -------------------------------------
     @classmethod
@@ -211,6 +219,7 @@ class SharedBasisModel(PeftBasisTuner):
         if stats is None:
             warn_no_calibration("SharedBasisConfig")
         warned: set = set()
+        precision = getattr(torch, config.decomposition_dtype)
 
         def weights(g: Group) -> list[torch.Tensor]:
             return [linear_weight(modules[m]).detach() for m in g.members]
@@ -223,7 +232,7 @@ class SharedBasisModel(PeftBasisTuner):
                 return None
             keys = tuple(sorted({stats.sources[m] for m in members}))
             tokens = sum(stats.tokens[k] for k in keys)
-            d = stats.grams[keys[0]].shape[0]
+            d = shapes[members[0]][0]
             if tokens < d // 2 and keys not in warned:
                 warned.add(keys)
                 warnings.warn(
@@ -242,7 +251,7 @@ class SharedBasisModel(PeftBasisTuner):
             (each member on its OWN Gram: the summed group Gram would flatter sharing)."""
             if f is None:
                 g_gram = gram(g.members) if g_gram is None else g_gram
-                f = factorize_group(weights(g), g_gram, rank, config.damping, g.members[0], scales(g))
+                f = factorize_group(weights(g), g_gram, rank, config.damping, g.members[0], scales(g), precision)
             errs: dict[int, list[float]] = {k: [] for k in eval_ranks}
             refs = []
             if len(g.members) == 1:  # the member's Gram is the group's: errors are the discarded spectrum
@@ -297,10 +306,11 @@ class SharedBasisModel(PeftBasisTuner):
                     for g, cap in zip(plan, caps):
                         if config.rank_allocation == "uniform":  # ranks <= cap: factorise once, at the cap
                             pre[g.key] = factorize_group(weights(g), gram(g.members), cap, config.damping, g.members[0],
-                                                            scales(g))
+                                                            scales(g), precision)
                             spectra[g.key] = normalised_spectrum(pre[g.key].eigenvalues)
                         elif g.key not in spectra:
-                            lam = group_spectrum(weights(g), gram(g.members), config.damping, g.members[0], scales(g))
+                            lam = group_spectrum(weights(g), gram(g.members), config.damping, g.members[0], scales(g),
+                                                 precision)
                             spectra[g.key] = normalised_spectrum(lam)
                     plan_ranks = allocate_ranks(plan, config, lambda g: spectra[g.key], allow_dense=False)
                     total, found = 0.0, {}
@@ -353,9 +363,10 @@ class SharedBasisModel(PeftBasisTuner):
                         release(g)
                 ranks = allocate_ranks(groups, config, lambda g: spectra[g.key])
             else:
-                for g in tqdm(groups, desc="spectra", unit="group"):
-                    spectra[g.key] = normalised_spectrum(group_spectrum(weights(g), gram(g.members), config.damping,
-                                                                        g.members[0], scales(g)))
+                jobs = ((weights(g), gram(g.members), config.damping, g.members[0], scales(g), precision) for g in groups)
+                with closing(map_decompositions(lambda job: group_spectrum(*job), jobs)) as done:
+                    for g, lam in zip(tqdm(groups, desc="spectra", unit="group"), done):
+                        spectra[g.key] = normalised_spectrum(lam)
                 ranks = allocate_ranks(groups, config, lambda g: spectra[g.key], stats)
                 groups, ranks, kept_dense = split_dense(groups, ranks)  # dense_at_break_even: no factors
                 jobs = ((g, r, [r], gram(g.members)) for g, r in zip(groups, ranks))

@@ -40,7 +40,7 @@ def fisher_plan(model, config, names: list[str], stats, progress: bool = False) 
     def directions_of(n: str):
         d_in, d_out = in_out_features(modules[n])
         k = scored_rank(Group(n, [n], d_in, d_out))
-        f = factorize_group([linear_weight(modules[n])], stats.gram(n), k, config.damping, n)
+        f = factorize_group([linear_weight(modules[n])], stats.factorization_gram(n), k, config.damping, n)
         sigma2 = f.eigenvalues[:k]
         sigma = sigma2.sqrt()
         r = f.basis.double() / torch.where(sigma > 0, sigma, torch.ones_like(sigma))[:, None]

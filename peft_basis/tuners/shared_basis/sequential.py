@@ -157,7 +157,8 @@ class SharedBasisLayerCompressor(LayerHandler):
             g = self.group_of[m]
             weight = linear_weight(module).detach()
             gram = layer.stats.gram(m).to("cpu")
-            f = factorize_group([weight.to("cpu")], gram, self.rank_of[g.key], self.config.damping, m)
+            f = factorize_group([weight.to("cpu")], gram, self.rank_of[g.key], self.config.damping, m,
+                                dtype=getattr(torch, self.config.decomposition_dtype))
             coef, basis = f.coefficients[0], f.basis
             # the layer as it will be served: the next layers are calibrated on its outputs
             compressed = (coef @ basis).to(module.weight.dtype).to(module.weight.device)
@@ -205,7 +206,7 @@ class SharedBasisLayerCompressor(LayerHandler):
                 continue
             stats = _members_stats(self.open_stats, g.members)
             lam = group_spectrum([self.open_weights[m] for m in g.members], group_gram(stats, g.members),
-                                 self.config.damping, g.members[0])
+                                 self.config.damping, g.members[0], dtype=getattr(torch, self.config.decomposition_dtype))
             self.spectra[g.key] = normalised_spectrum(lam)
         # forget what no open group needs any more: only the Grams and weights of members of groups that span
         # later layers stay (shared q/k/v and gate/up inputs), never a private module's (down_proj: the largest)
@@ -242,7 +243,7 @@ class SharedBasisLayerCompressor(LayerHandler):
             weights = {m: self.run.read_weight(m) for m in g.members}  # d_out x d_in
             trim_memory()
             f = factorize_group([weights[m] for m in g.members], group_gram(stats, g.members), rank,
-                                config.damping, g.members[0])
+                                config.damping, g.members[0], dtype=getattr(torch, config.decomposition_dtype))
             self.writer.write(saved_basis_name(g.key), f.basis.to(self.dtypes[g.members[0]]))
             errors = []
             for m, coef in zip(g.members, f.coefficients):
