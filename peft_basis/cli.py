@@ -146,7 +146,10 @@ def run_config(args):
 def main(argv: list[str] | None = None) -> int:
     """The console entry point (returns the exit status; ``run`` returns the measurements)."""
     import sys
+    import warnings
 
+    # PEFT reads transformers' deprecated `is_gradient_checkpointing` in PeftModel.__init__: not the user's to fix
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("calibrate", "eval"):
         from peft_basis import subcommands

@@ -81,9 +81,9 @@ class CalibrationStatistics:
         for key in [*self.grams, *(k[len(OUTPUT_GRAM):] for k in self.extra if k.startswith(OUTPUT_GRAM))]:
             check_finite_gram(self.grams[key] if key in self.grams else self.extra[OUTPUT_GRAM + key], key)
             if key not in self.grams:
-                if INPUT_TRACE + key not in self.extra:
-                    raise CalibrationError(f"The statistics are incomplete: the output Gram of {key} has no input trace. "
-                                           "Calibrate again.")
+                if INPUT_TRACE + key not in self.extra or key not in self.meta.get("output_gram_inputs", {}):
+                    raise CalibrationError(f"The statistics are incomplete: the output Gram of {key} has no input trace "
+                                           "or input width. Calibrate again.")
                 check_finite_gram(self.extra[INPUT_TRACE + key], key)
             if self.tokens.get(key, 0) == 0:
                 raise CalibrationError(
