@@ -190,7 +190,8 @@ def calibrate_sequential(
     """``calibrate`` one decoder layer at a time: for a checkpoint on disk (``model`` a folder of safetensors
     shards: the dense model is never in memory) or a model in memory. The input Grams of every target of
     ``config`` (any peft-basis config), attached to ``config`` as ``calibrate`` attaches them, optionally saved
-    to ``save_to``; they equal the whole-model ones.
+    to ``save_to``; they equal the whole-model ones (which stream output Grams instead where the method asks:
+    ``SharedBasisConfig(output_grams=True)``; the factors are the same).
 
     When the method needs Fisher scores (BASIS with ``rank_allocation="fisher"``) they are computed layer by
     layer too, by the pipeline's backward sweep (about one forward more than ``calibrate``, each layer read
