@@ -235,7 +235,64 @@ def work_speed(args) -> dict:
     out = {"samples": samples, "median": medians, "flops": flop_limits(models["dense"], models["compressed"])}
     if "main_job" in models:
         out["flops_main_job"] = flop_limits(models["dense"], models["main_job"])
+    # where the forward's time goes: separate passes with a timer around every Linear (the hooks cost a little,
+    # so these passes are not the ones above), alternating, median per module
+    ids = torch.randint(0, models["dense"].config.vocab_size, (8, 256), generator=torch.Generator().manual_seed(0))
+    timed = {k: [] for k in models if k != "peft"}
+    for _ in range(args.repeats):
+        for name in timed:
+            timed[name].append(module_seconds(models[name], ids))
+    seconds = {k: {m: statistics.median(r[m] for r in runs) for m in runs[0]} for k, runs in timed.items()}
+    out["time_split"] = {k: time_split(models["dense"], seconds["dense"], models[k], seconds[k])
+                         for k in seconds if k != "dense"}
     return out
+
+
+def module_seconds(model, ids) -> dict[str, float]:
+    """Seconds of one forward of ``ids`` (``"total"``) and of each Linear in it, by module name."""
+    import torch
+    from torch import nn
+
+    from peft_basis.standalone import LowRankLinear
+
+    out, start = {}, {}
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, LowRankLinear))}
+
+    def pre(name):
+        return lambda m, a: start.__setitem__(name, time.perf_counter())
+
+    def post(name):
+        return lambda m, a, o: out.__setitem__(name, out.get(name, 0.0) + time.perf_counter() - start[name])
+
+    handles = [m.register_forward_pre_hook(pre(n)) for n, m in modules.items()]
+    handles += [m.register_forward_hook(post(n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            t = time.perf_counter()
+            model(input_ids=ids, use_cache=False)
+            out["total"] = time.perf_counter() - t
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def time_split(dense, dense_seconds: dict, compressed, seconds: dict) -> dict:
+    """The forward's time in the decoder's Linears, the LM head and the rest (attention, norms, activations),
+    dense and compressed, and the speed-up the whole forward would reach if every compressed Linear took its
+    dense time times its FLOP ratio (the kernels at the dense GEMM's FLOP rate, the rest unchanged)."""
+    head = next(n for n, m in dense.named_modules() if m is dense.get_output_embeddings())
+    fd, fc = linear_flops(dense), linear_flops(compressed)
+    body = [n for n in fd if n != head]
+    ideal = dense_seconds["total"] - sum(dense_seconds[n] * (1 - fc[n] / fd[n]) for n in body)
+
+    def split(s):
+        linears = sum(s[n] for n in body)
+        return {"total": s["total"], "linears": linears, "head": s[head], "rest": s["total"] - linears - s[head]}
+
+    d, c = split(dense_seconds), split(seconds)
+    return {"dense": d, "compressed": c, "linear_flop_ratio": sum(fd[n] for n in body) / sum(fc[n] for n in body),
+            "linear_speedup": d["linears"] / c["linears"], "time_limit": dense_seconds["total"] / ideal}
 
 
 # ---- what the FLOPs allow ---------------------------------------------------------------------------------
@@ -430,6 +487,23 @@ def markdown(r: dict) -> str:
                   f"{f['compressed']['targeted_per_token'] / 1e6:.1f} M compressed; the rest (LM head, untargeted) "
                   f"{f['dense']['rest_linear_per_token'] / 1e6:.1f} M in both; attention on top. 'measured / limit': "
                   "the share of the possible gain (limit - 1) the measured speed-up (- 1) reaches.", ""]
+        names = {"compressed": "whitened, uniform ranks", "main_job": "the main job's model"}
+        if "time_split" in r["speed"]:
+            lines += ["Where the forward's time goes (batch 8 x 256; separate passes timing every Linear, median of "
+                      f"{r['repeats']}): seconds in the decoder's Linears, the LM head and the rest (attention, norms, "
+                      "activations); the Linears' speed-up against their FLOP ratio; and the time limit, the speed-up "
+                      "of the whole forward if every factorised Linear ran at its dense counterpart's FLOP rate:\n",
+                      "| model | total s | Linears s | LM head s | rest s | Linears' speed-up | their FLOP ratio | "
+                      "time limit |", "|---|---|---|---|---|---|---|---|"]
+            first = next(iter(r["speed"]["time_split"].values()))["dense"]
+            lines.append(f"| dense | {first['total']:.3f} | {first['linears']:.3f} | {first['head']:.3f} | "
+                         f"{first['rest']:.3f} | | | |")
+            for k, t in r["speed"]["time_split"].items():
+                c = t["compressed"]
+                lines.append(f"| {names.get(k, k)} | {c['total']:.3f} | {c['linears']:.3f} | {c['head']:.3f} | "
+                             f"{c['rest']:.3f} | {t['linear_speedup']:.3f}x | {t['linear_flop_ratio']:.3f}x | "
+                             f"{t['time_limit']:.3f}x |")
+            lines.append("")
     if r["cost"]:
         lines += ["Cost of compressing on the whole-model path (a fresh process each): seconds, and over the bare "
                   "forward passes over the same calibration batches; peak memory over the model's size:\n",
