@@ -54,6 +54,7 @@ LOAD_NAMES = {"dense": "dense model (`AutoModelForCausalLM.from_pretrained`)",
               "standalone-float32": "`CompressedModel.from_pretrained`, float32",
               "standalone-bfloat16-int8": "`CompressedModel.from_pretrained`, bfloat16 + int8 factors"}
 PROMPT_TOKENS, NEW_TOKENS = 32, 64
+DENSE_OF = {"compressed_bf16": "dense_bf16"}  # the dense model each compressed one is compared with (else "dense")
 
 
 def _setup(args):
@@ -221,6 +222,9 @@ def work_speed(args) -> dict:
               "peft": load_lean(dense_dir, os.path.join(args.work, "adapter"))}
     if os.path.isdir(os.path.join(args.work, MAIN_JOB_STANDALONE)):  # loss-aware ranks: another rank profile
         models["main_job"] = CompressedModel.from_pretrained(os.path.join(args.work, MAIN_JOB_STANDALONE))
+    # bfloat16 (the smaller checkpoint; on CPUs with AMX its own kernels), against the dense model in bfloat16
+    models["dense_bf16"] = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.bfloat16).eval()
+    models["compressed_bf16"] = CompressedModel.from_pretrained(os.path.join(args.work, "standalone-bfloat16"))
     tok = AutoTokenizer.from_pretrained(dense_dir)
     prompt = tok(load_text("britannica")[:4000], return_tensors="pt")["input_ids"][:, :PROMPT_TOKENS]
     for m in models.values():
@@ -243,8 +247,8 @@ def work_speed(args) -> dict:
         for name in timed:
             timed[name].append(module_seconds(models[name], ids))
     seconds = {k: {m: statistics.median(r[m] for r in runs) for m in runs[0]} for k, runs in timed.items()}
-    out["time_split"] = {k: time_split(models["dense"], seconds["dense"], models[k], seconds[k])
-                         for k in seconds if k != "dense"}
+    out["time_split"] = {k: time_split(models[DENSE_OF.get(k, "dense")], seconds[DENSE_OF.get(k, "dense")], models[k],
+                                       seconds[k]) for k in seconds if not k.startswith("dense")}
     return out
 
 
@@ -465,19 +469,22 @@ def markdown(r: dict) -> str:
         rows = [("compressed", "whitened, uniform ranks", lim)]
         if "main_job" in sp["forward"]:
             rows.append(("main_job", "the main job's model (loss-aware ranks)", r["speed"]["flops_main_job"]["limit"]))
+        if "compressed_bf16" in sp["forward"]:
+            rows.append(("compressed_bf16", "whitened, bfloat16 (dense: bfloat16 too)", lim))
         for kind, label, key in (("forward", "forward, batch 8 x 256", "forward_8x256"),
                                  ("decode", f"greedy decoding, batch 1, {NEW_TOKENS} new tokens", "decode")):
             m = sp[kind]
             for model_key, what, limit in rows:
-                up = m[model_key] / m["dense"]
+                dense = m[DENSE_OF.get(model_key, "dense")]
+                up = m[model_key] / dense
                 peft = f"{m['peft']:,.0f}" if model_key == "compressed" else "-"
-                lines.append(f"| {label}, {what} | {m['dense']:,.0f} | {m[model_key]:,.0f} | {peft} | {up:.2f}x | "
+                lines.append(f"| {label}, {what} | {dense:,.0f} | {m[model_key]:,.0f} | {peft} | {up:.2f}x | "
                              f"{limit[key]:.2f}x | "
                              f"{(up - 1) / (limit[key] - 1) if limit[key] > 1 else float('nan'):.0%} |")
         spread = []
         for kind in ("forward", "decode"):
-            dense = r["speed"]["samples"][kind]["dense"]
             for model_key, what, _ in rows:
+                dense = r["speed"]["samples"][kind][DENSE_OF.get(model_key, "dense")]
                 ups = [c / d for c, d in zip(r["speed"]["samples"][kind][model_key], dense)]
                 spread.append(f"{kind} {what}: {min(ups):.2f}x-{max(ups):.2f}x")
         lines += ["", "Speed-up of each repeat (the dense and the compressed pass next to each other), lowest-highest: "
@@ -487,7 +494,8 @@ def markdown(r: dict) -> str:
                   f"{f['compressed']['targeted_per_token'] / 1e6:.1f} M compressed; the rest (LM head, untargeted) "
                   f"{f['dense']['rest_linear_per_token'] / 1e6:.1f} M in both; attention on top. 'measured / limit': "
                   "the share of the possible gain (limit - 1) the measured speed-up (- 1) reaches.", ""]
-        names = {"compressed": "whitened, uniform ranks", "main_job": "the main job's model"}
+        names = {"compressed": "whitened, uniform ranks", "main_job": "the main job's model",
+                 "compressed_bf16": "whitened, bfloat16"}
         if "time_split" in r["speed"]:
             lines += ["Where the forward's time goes (batch 8 x 256; separate passes timing every Linear, median of "
                       f"{r['repeats']}): seconds in the decoder's Linears, the LM head and the rest (attention, norms, "
@@ -495,10 +503,13 @@ def markdown(r: dict) -> str:
                       "of the whole forward if every factorised Linear ran at its dense counterpart's FLOP rate:\n",
                       "| model | total s | Linears s | LM head s | rest s | Linears' speed-up | their FLOP ratio | "
                       "time limit |", "|---|---|---|---|---|---|---|---|"]
-            first = next(iter(r["speed"]["time_split"].values()))["dense"]
-            lines.append(f"| dense | {first['total']:.3f} | {first['linears']:.3f} | {first['head']:.3f} | "
-                         f"{first['rest']:.3f} | | | |")
+            shown = set()
             for k, t in r["speed"]["time_split"].items():
+                d, dense_name = t["dense"], DENSE_OF.get(k, "dense")
+                if dense_name not in shown:
+                    shown.add(dense_name)
+                    lines.append(f"| {dense_name.replace('_bf16', ', bfloat16')} | {d['total']:.3f} | {d['linears']:.3f} | "
+                                 f"{d['head']:.3f} | {d['rest']:.3f} | | | |")
                 c = t["compressed"]
                 lines.append(f"| {names.get(k, k)} | {c['total']:.3f} | {c['linears']:.3f} | {c['head']:.3f} | "
                              f"{c['rest']:.3f} | {t['linear_speedup']:.3f}x | {t['linear_flop_ratio']:.3f}x | "

@@ -3,6 +3,8 @@ values as two plain Linears on every path (few tokens, many tokens, bias, mixed 
 aligned coefficients that survive saving and reloading, as a PEFT adapter and as a standalone checkpoint,
 for Linear (Llama) and GPT-2 ``Conv1D`` models."""
 
+import os
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -131,3 +133,65 @@ def test_aligned_coefficients_survive_save_and_reload(build, tmp_path):
     assert low_rank and all(m.coefficient.stride(0) % 16 == 0 for m in low_rank)
     again = save_compressed(standalone, str(tmp_path / "again"))  # aligned views are written contiguous
     assert torch.equal(_logits(CompressedModel.from_pretrained(again), ids), want)
+
+
+def _tensors(folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, f)))
+    return out
+
+
+@pytest.mark.parametrize("group_size", [1, 2], ids=["private_bases", "shared_bases"])
+def test_bfloat16_ranks_padded_to_32_same_logits_parameters_and_files(group_size, tmp_path):
+    base = tiny_llama(2, seed=0)
+    config = SharedBasisConfig(compression_ratio=0.3, group_size=group_size)
+    calibrate(base, config, token_batches(2), progress=False)
+    peft_model = get_peft_model(base, config)
+    folder = save_compressed(peft_model, str(tmp_path / "bf16"), dtype=torch.bfloat16)
+    padded = CompressedModel.from_pretrained(folder)  # bfloat16: padded by default
+    plain = CompressedModel.from_pretrained(folder, rank_multiple=1)
+    low_rank = [m for m in padded.modules() if isinstance(m, LowRankLinear)]
+    assert low_rank and all(m.rank % 32 for m in low_rank)  # the tiny ranks are not multiples of 32
+    for m in low_rank:
+        basis, coefficient = m._padded
+        assert basis.shape == (-(-m.rank // 32) * 32, m.in_features) and coefficient.shape[1] == basis.shape[0]
+        assert torch.equal(basis[: m.rank], m.basis) and not basis[m.rank :].any() and not coefficient[:, m.rank :].any()
+    if group_size > 1:  # a shared basis is padded once, and stays one Parameter
+        shared = {}
+        for m in low_rank:
+            shared.setdefault(m.basis_name, set()).add((id(m.basis), id(m._padded[0])))
+        assert all(len(v) == 1 for v in shared.values())
+        assert len(shared) < len(low_rank)
+    assert all(m._padded is None for m in plain.modules() if isinstance(m, LowRankLinear))
+    assert count_parameters(padded) == count_parameters(plain) == count_parameters(peft_model)
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(4))  # 80 tokens: padded products
+    short = ids[:1, :5]  # decoding: the unpadded views
+    torch.testing.assert_close(_logits(padded, ids), _logits(plain, ids), rtol=0, atol=1e-2)
+    assert torch.equal(_logits(padded, short), _logits(plain, short))
+    # saving again writes the unpadded factors: the same tensors as the checkpoint it was loaded from
+    padded.save_pretrained(str(tmp_path / "again"))
+    again = _tensors(str(tmp_path / "again"))
+    first = _tensors(folder)
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+    m = low_rank[0]
+    many, few = (torch.zeros(1, n, m.in_features, dtype=torch.bfloat16) for n in (40, 5))
+    assert m._factors_for(many)[0] is m._padded[0] and m._factors_for(few)[0] is m.basis
+    # cast after loading: the padded copies no longer hold the parameters' values, the parameters are used
+    as_float = padded.float()
+    assert m._factors_for(many.float())[0] is m.basis
+    torch.testing.assert_close(_logits(as_float, ids), _logits(plain.float(), ids), rtol=1e-5, atol=1e-5)
+
+
+def test_rank_multiple_must_be_positive(tmp_path):
+    peft_model, _ = _compressed(tiny_llama)
+    folder = save_compressed(peft_model, str(tmp_path / "sa"))
+    with pytest.raises(ValueError, match="rank_multiple=0: use a positive integer"):
+        CompressedModel.from_pretrained(folder, rank_multiple=0)
+    padded = CompressedModel.from_pretrained(folder, rank_multiple=16)  # float32 on request
+    assert all(m._padded is not None for m in padded.modules() if isinstance(m, LowRankLinear) and m.rank % 16)
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(_logits(padded, ids), _logits(peft_model, ids), rtol=1e-5, atol=1e-5)

@@ -22,7 +22,7 @@ from .checkpoint import (
     read_compression_config,
     set_tensor,
 )
-from .modules import LowRankLinear
+from .modules import LowRankLinear, pad_ranks
 from .save import COMPRESSION_ATTR, push_compressed_to_hub, save_compressed
 
 __all__ = ["CompressedModel"]
@@ -48,12 +48,16 @@ class CompressedModel:
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, *, revision: Optional[str] = None, token=None,
                         dtype: Optional[torch.dtype] = None, device: torch.device | str = "cpu",
-                        local_files_only: bool = False, subfolder: Optional[str] = None) -> nn.Module:
+                        local_files_only: bool = False, subfolder: Optional[str] = None,
+                        rank_multiple: Optional[int] = None) -> nn.Module:
         """The compressed model at ``path_or_repo_id`` (a local folder, or a Hub repo id downloaded with
         ``snapshot_download``; ``revision``, ``token``, ``subfolder``, ``local_files_only`` as in
         ``huggingface_hub``), in eval mode on ``device``. ``dtype``: the compute dtype (default: the one it
         was saved in); int8 factors are dequantised to it on load. The architecture is built from
         ``config.json`` on the meta device and every tensor is read once from the shards.
+        ``rank_multiple``: the factorised modules run their many-token products at ranks rounded up to this
+        multiple, zero-padded (the same values; :func:`~peft_basis.standalone.modules.pad_ranks`). Default: 32 in bfloat16 (and
+        in float16 on a GPU), whose matrix units work in tiles, 1 (no padding) otherwise.
 
         The returned model's ``save_pretrained`` and ``push_to_hub`` write this format again (not a
         transformers checkpoint, which could not hold the factors)."""
@@ -141,11 +145,22 @@ class CompressedModel:
         if still_meta:
             raise CompressedCheckpointError(f"{len(still_meta)} tensors were not in the checkpoint (e.g. {still_meta[:3]}).")
         model.to(device)  # buffers computed from the config (rotary frequencies) were built on the CPU
+        multiple = default_rank_multiple(compute_dtype, torch.device(device)) if rank_multiple is None else rank_multiple
+        if multiple < 1:
+            raise ValueError(f"rank_multiple={rank_multiple}: use a positive integer (1: no padding).")
+        pad_ranks(model, multiple)
         _load_generation_config(model, folder)
         setattr(model, COMPRESSION_ATTR, compression)  # how it was made; save_compressed reads it to save again
         model.save_pretrained = types.MethodType(_save_pretrained, model)
         model.push_to_hub = types.MethodType(push_compressed_to_hub, model)
         return model.eval()
+
+
+def default_rank_multiple(dtype: torch.dtype, device: torch.device) -> int:
+    """32 where the matrix units work in tiles (bfloat16: CPU AMX, GPU tensor cores; float16 on a GPU), else 1."""
+    if dtype == torch.bfloat16 or (dtype == torch.float16 and device.type == "cuda"):
+        return 32
+    return 1
 
 
 def _load_generation_config(model, folder: str) -> None:

@@ -39,7 +39,10 @@ def write_dense_weight(base_layer: nn.Module, weight_out_in: torch.Tensor) -> No
 # not a multiple of the vector width (16 floats on AVX-512) at a visible loss, a row count nearly free,
 # and the ranks an exact budget gives are rarely multiples of 16. Below it (decoding) the products are
 # matrix-vector ones, where the plain form is as fast and the transposes only cost dispatch time.
+# Not for bfloat16: oneDNN's AMX kernels run the transposed pair slower than the plain one, and want the
+# rank a multiple of 32 instead (``peft_basis.standalone.modules.pad_ranks``).
 TRANSPOSED_MIN_TOKENS = 32
+PLAIN_PRODUCT_DTYPES = (torch.bfloat16,)
 
 
 # Rows of a factor start on this byte boundary (a cache line): see ``aligned_rows``.
@@ -74,7 +77,7 @@ def factorized_forward(x: torch.Tensor, basis: torch.Tensor, coefficient: torch.
         bias = bias.to(coefficient.dtype)
     d_in = x.shape[-1]
     tokens = x.numel() // d_in if d_in else 0
-    if tokens >= TRANSPOSED_MIN_TOKENS:
+    if tokens >= TRANSPOSED_MIN_TOKENS and basis.dtype not in PLAIN_PRODUCT_DTYPES:
         h = torch.mm(basis, x.reshape(tokens, d_in).T).T  # rank x tokens, transposed back as a view
         if h.dtype != coefficient.dtype:  # a base-dtype basis shared by adapter-dtype coefficients
             h = h.to(coefficient.dtype)
