@@ -13,7 +13,7 @@ from torch import nn
 import peft_basis  # noqa: F401
 from peft_basis import CompressedModel, SharedBasisConfig, calibrate, save_compressed
 from peft_basis.evaluation import count_parameters
-from peft_basis.standalone import LowRankLinear
+from peft_basis.standalone import LowRankLinear, pad_ranks
 from peft_basis.tuners.factorized import TRANSPOSED_MIN_TOKENS, aligned_rows, factorized_forward
 from peft_basis.tuners.shared_basis.layer import SharedBasisLayer
 
@@ -180,17 +180,19 @@ def test_bfloat16_ranks_padded_to_32_same_logits_parameters_and_files(group_size
     m = low_rank[0]
     many, few = (torch.zeros(1, n, m.in_features, dtype=torch.bfloat16) for n in (40, 5))
     assert m._factors_for(many)[0] is m._padded[0] and m._factors_for(few)[0] is m.basis
-    # cast after loading: the padded copies no longer hold the parameters' values, the parameters are used
+    # cast after loading: the padded copies are dropped, the parameters are used; pad_ranks pads anew
     as_float = padded.float()
-    assert m._factors_for(many.float())[0] is m.basis
+    assert m._padded is None and m._factors_for(many.float())[0] is m.basis
+    assert pad_ranks(as_float, 32) > 0 and m._padded[0].dtype == torch.float32
     torch.testing.assert_close(_logits(as_float, ids), _logits(plain.float(), ids), rtol=1e-5, atol=1e-5)
 
 
 def test_rank_multiple_must_be_positive(tmp_path):
     peft_model, _ = _compressed(tiny_llama)
     folder = save_compressed(peft_model, str(tmp_path / "sa"))
-    with pytest.raises(ValueError, match="rank_multiple=0: use a positive integer"):
-        CompressedModel.from_pretrained(folder, rank_multiple=0)
+    for bad in (0, -32, 2.5):
+        with pytest.raises(ValueError, match=f"rank_multiple={bad}: use a positive integer"):
+            CompressedModel.from_pretrained(folder, rank_multiple=bad)
     padded = CompressedModel.from_pretrained(folder, rank_multiple=16)  # float32 on request
     assert all(m._padded is not None for m in padded.modules() if isinstance(m, LowRankLinear) and m.rank % 16)
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(4))

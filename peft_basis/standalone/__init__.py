@@ -8,7 +8,7 @@ transformers model with its targeted Linears factorised.
 
 from .checkpoint import FORMAT_VERSION, CompressedCheckpointError
 from .load import CompressedModel
-from .modules import LowRankLinear
+from .modules import LowRankLinear, pad_ranks
 from .save import push_compressed_to_hub, save_compressed
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "CompressedCheckpointError",
     "CompressedModel",
     "LowRankLinear",
+    "pad_ranks",
     "push_compressed_to_hub",
     "save_compressed",
 ]

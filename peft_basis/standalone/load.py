@@ -56,11 +56,15 @@ class CompressedModel:
         was saved in); int8 factors are dequantised to it on load. The architecture is built from
         ``config.json`` on the meta device and every tensor is read once from the shards.
         ``rank_multiple``: the factorised modules run their many-token products at ranks rounded up to this
-        multiple, zero-padded (the same values; :func:`~peft_basis.standalone.modules.pad_ranks`). Default: 32 in bfloat16 (and
-        in float16 on a GPU), whose matrix units work in tiles, 1 (no padding) otherwise.
+        multiple, zero-padded (the same values; :func:`~peft_basis.standalone.pad_ranks`). Default: 32 in
+        bfloat16 (and in float16 on a GPU), whose matrix units work in tiles; 1 (no padding) otherwise. Give
+        ``dtype`` and ``device`` here rather than moving the model later: a move or cast drops the padding
+        (call ``pad_ranks(model, 32)`` again after it).
 
         The returned model's ``save_pretrained`` and ``push_to_hub`` write this format again (not a
         transformers checkpoint, which could not hold the factors)."""
+        if rank_multiple is not None and (not isinstance(rank_multiple, int) or rank_multiple < 1):
+            raise ValueError(f"rank_multiple={rank_multiple!r}: use a positive integer (1: no padding).")
         folder = _resolve_folder(path_or_repo_id, revision, token, local_files_only, subfolder)
         compression = read_compression_config(folder)
         shards = CompressedShards(folder)
@@ -145,10 +149,7 @@ class CompressedModel:
         if still_meta:
             raise CompressedCheckpointError(f"{len(still_meta)} tensors were not in the checkpoint (e.g. {still_meta[:3]}).")
         model.to(device)  # buffers computed from the config (rotary frequencies) were built on the CPU
-        multiple = default_rank_multiple(compute_dtype, torch.device(device)) if rank_multiple is None else rank_multiple
-        if multiple < 1:
-            raise ValueError(f"rank_multiple={rank_multiple}: use a positive integer (1: no padding).")
-        pad_ranks(model, multiple)
+        pad_ranks(model, default_rank_multiple(compute_dtype, torch.device(device)) if rank_multiple is None else rank_multiple)
         _load_generation_config(model, folder)
         setattr(model, COMPRESSION_ATTR, compression)  # how it was made; save_compressed reads it to save again
         model.save_pretrained = types.MethodType(_save_pretrained, model)

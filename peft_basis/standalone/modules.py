@@ -34,8 +34,8 @@ class LowRankLinear(nn.Module):
         return self.basis.shape[0]
 
     def _factors_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The padded factors (``pad_ranks``) where they still hold this module's values (the model not moved, cast or given
-        new factors since, no gradients asked for) and ``x`` has many tokens; the parameters otherwise."""
+        """The padded factors (``pad_ranks``) where they still hold this module's values (no new factors
+        assigned since, no gradients asked for) and ``x`` has many tokens; the parameters otherwise."""
         p = self._padded
         if (p is not None and x.numel() >= TRANSPOSED_MIN_TOKENS * self.in_features
                 and self.basis.data_ptr() == p[0].data_ptr() and self.coefficient.data_ptr() == p[1].data_ptr()
@@ -45,6 +45,13 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return factorized_forward(x, *self._factors_for(x), self.bias)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        p = self._padded
+        if p is not None and (self.basis.data_ptr() != p[0].data_ptr() or self.coefficient.data_ptr() != p[1].data_ptr()):
+            self._padded = None  # moved or cast (``.to``): the padded copies are stale; ``pad_ranks`` pads anew
+        return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
@@ -58,6 +65,8 @@ def pad_ranks(model: nn.Module, multiple: int) -> int:
     ``coefficient`` become views of the unpadded part, so parameter counts, ``state_dict`` and saved
     checkpoints are unchanged; decoding (few tokens) uses the views. A basis shared by several modules is
     padded once. Costs ``padding x in_features`` elements per basis; returns how many elements in all."""
+    if multiple <= 1:
+        return 0
     by_basis: dict[int, list[LowRankLinear]] = {}
     for m in model.modules():
         if isinstance(m, LowRankLinear) and m._padded is None:
@@ -67,7 +76,7 @@ def pad_ranks(model: nn.Module, multiple: int) -> int:
         first = members[0]
         rank = first.rank
         padded = -(-rank // multiple) * multiple
-        if multiple <= 1 or padded == rank:
+        if padded == rank:
             continue
         with torch.no_grad():
             basis = first.basis.new_zeros(padded, first.in_features)
