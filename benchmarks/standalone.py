@@ -2,10 +2,10 @@
 
 Basis Sharing, 20% of the targeted parameters removed, ``group_size=1``, calibrated on 16 Britannica
 blocks of 512 tokens (batches of 4), scored on 8 held-apart blocks. The adapter model is saved with
-``save_compressed`` in float32 and bfloat16, with float and int8 factors, each reloaded with
+``save_compressed`` in float32, bfloat16 and float16, with float and int8 factors, each reloaded with
 ``CompressedModel.from_pretrained`` (no dense base) and scored on the same tokens. Sizes are the
 safetensors weight files; "expected" is the dense checkpoint of that dtype minus the removed
-parameters' bytes.
+parameters' bytes. The dense model is also scored in bfloat16 and float16 (what the dtype alone costs).
 
     python benchmarks/standalone.py          # ~5-10 min on 2 CPU threads
 
@@ -78,14 +78,19 @@ def main():
               "dense_perplexity": dense_ppl, "adapter_perplexity": adapter_ppl, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         dense_bytes = {"float32": weights_bytes(default_model_path())}
-        bf16 = load_default_model(dtype=torch.bfloat16)[0]
-        bf16.save_pretrained(os.path.join(tmp, "dense-bf16"))
-        dense_bytes["bfloat16"] = weights_bytes(os.path.join(tmp, "dense-bf16"))
-        del bf16
+        result["dense_perplexity_by_dtype"] = {"float32": dense_ppl}
+        for half in (torch.bfloat16, torch.float16):  # the dense model in that dtype: what the dtype alone costs
+            name = str(half).removeprefix("torch.")
+            dense_half = load_default_model(dtype=half)[0]
+            dense_half.save_pretrained(os.path.join(tmp, f"dense-{name}"))
+            dense_bytes[name] = weights_bytes(os.path.join(tmp, f"dense-{name}"))
+            log(f"dense perplexity {name}")
+            result["dense_perplexity_by_dtype"][name] = perplexity(dense_half, held)
+            del dense_half
         peft_model.save_pretrained(os.path.join(tmp, "adapter"))
         result["adapter_bytes"] = size_on_disk(os.path.join(tmp, "adapter", "adapter_model.safetensors"))
         result["dense_bytes"] = dense_bytes
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for factors in ("float", "int8"):
                 name = str(dtype).removeprefix("torch.")
                 folder = os.path.join(tmp, f"{name}-{factors}")
@@ -133,7 +138,8 @@ def markdown(r: dict) -> str:
         "max logit diff vs adapter model | save / load s |",
         "|---|---|---|---|---|---|---|---|",
         f"| dense checkpoint, float32 | {d['float32'] / MB:.1f} MB | 1.00 | | | {r['dense_perplexity']:.2f} | | |",
-        f"| dense checkpoint, bfloat16 | {d['bfloat16'] / MB:.1f} MB | {d['bfloat16'] / d['float32']:.2f} | | | | | |",
+        *(f"| dense checkpoint, {name} | {d[name] / MB:.1f} MB | {d[name] / d['float32']:.2f} | | | "
+          f"{r.get('dense_perplexity_by_dtype', {}).get(name, float('nan')):.2f} | | |" for name in ("bfloat16", "float16") if name in d),
         f"| PEFT adapter (float32), needs the dense base too | {r['adapter_bytes'] / MB:.1f} MB "
         f"(+ {d['float32'] / MB:.1f} = {(r['adapter_bytes'] + d['float32']) / MB:.1f}) | "
         f"{(r['adapter_bytes'] + d['float32']) / d['float32']:.2f} | | | {r['adapter_perplexity']:.2f} | 0 | |",
