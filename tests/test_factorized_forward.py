@@ -197,3 +197,16 @@ def test_rank_multiple_must_be_positive(tmp_path):
     assert all(m._padded is not None for m in padded.modules() if isinstance(m, LowRankLinear) and m.rank % 16)
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(_logits(padded, ids), _logits(peft_model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_decoding_products_skip_onednn_and_restore_its_switch():
+    basis, coefficient, bias = factors(dtype=torch.bfloat16)
+    x = torch.randn(1, 1, basis.shape[1]).to(torch.bfloat16)  # one token: the matrix-vector path
+    before = torch._C._get_mkldnn_enabled()
+    y = factorized_forward(x, basis, coefficient, bias)
+    assert torch._C._get_mkldnn_enabled() == before
+    want = nn.functional.linear(nn.functional.linear(x, basis), coefficient, bias)  # with oneDNN where it applies
+    torch.testing.assert_close(y.float(), want.float(), rtol=2e-2, atol=1e-1)
+    with pytest.raises(RuntimeError):  # restored on errors too
+        factorized_forward(torch.randn(1, 1, basis.shape[1] + 1).to(torch.bfloat16), basis, coefficient, bias)
+    assert torch._C._get_mkldnn_enabled() == before

@@ -43,6 +43,10 @@ def write_dense_weight(base_layer: nn.Module, weight_out_in: torch.Tensor) -> No
 # rank a multiple of 32 instead (``peft_basis.standalone.modules.pad_ranks``).
 TRANSPOSED_MIN_TOKENS = 32
 PLAIN_PRODUCT_DTYPES = (torch.bfloat16,)
+# Few-token (decoding) bfloat16 products on the CPU skip oneDNN: its matrix-vector products pay a fixed cost per
+# call (about 20 us) that ATen's own kernels do not, and the factorised Linear makes two calls where the dense one
+# makes one. The switch is torch's global one, set around the two products and restored.
+_ONEDNN_SWITCH = hasattr(torch._C, "_get_mkldnn_enabled") and hasattr(torch._C, "_set_mkldnn_enabled")
 
 
 # Rows of a factor start on this byte boundary (a cache line): see ``aligned_rows``.
@@ -83,10 +87,21 @@ def factorized_forward(x: torch.Tensor, basis: torch.Tensor, coefficient: torch.
             h = h.to(coefficient.dtype)
         y = torch.mm(h, coefficient.T) if bias is None else torch.addmm(bias, h, coefficient.T)
         y = y.view(*x.shape[:-1], coefficient.shape[0])
+    elif _ONEDNN_SWITCH and basis.dtype in PLAIN_PRODUCT_DTYPES and basis.device.type == "cpu":
+        enabled = torch._C._get_mkldnn_enabled()
+        torch._C._set_mkldnn_enabled(False)
+        try:
+            y = _two_linears(x, basis, coefficient, bias)
+        finally:
+            torch._C._set_mkldnn_enabled(enabled)
     else:
-        h = nn.functional.linear(x, basis)
-        y = nn.functional.linear(h if h.dtype == coefficient.dtype else h.to(coefficient.dtype), coefficient, bias)
+        y = _two_linears(x, basis, coefficient, bias)
     return y if y.dtype == dtype else y.to(dtype)
+
+
+def _two_linears(x: torch.Tensor, basis: torch.Tensor, coefficient: torch.Tensor, bias) -> torch.Tensor:
+    h = nn.functional.linear(x, basis)
+    return nn.functional.linear(h if h.dtype == coefficient.dtype else h.to(coefficient.dtype), coefficient, bias)
 
 
 class FactorizedLayerMixin:
