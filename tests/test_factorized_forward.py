@@ -199,6 +199,21 @@ def test_rank_multiple_must_be_positive(tmp_path):
     torch.testing.assert_close(_logits(padded, ids), _logits(peft_model, ids), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tokens,switched", [(1, True), (TRANSPOSED_MIN_TOKENS - 1, True), (TRANSPOSED_MIN_TOKENS, False),
+                                             (300, False)])
+def test_only_few_token_bfloat16_products_switch_onednn_off(tokens, switched, monkeypatch):
+    calls = []
+    real = torch._C._set_mkldnn_enabled
+    monkeypatch.setattr(torch._C, "_set_mkldnn_enabled", lambda on: (calls.append(on), real(on))[1])
+    basis, coefficient, bias = factors(dtype=torch.bfloat16)
+    factorized_forward(torch.randn(1, tokens, basis.shape[1]).to(torch.bfloat16), basis, coefficient, bias)
+    assert calls == ([False, torch._C._get_mkldnn_enabled()] if switched else [])
+    calls.clear()
+    f32 = factors()
+    factorized_forward(torch.randn(1, tokens, f32[0].shape[1]), *f32)  # float32: never
+    assert calls == []
+
+
 def test_bfloat16_decoding_products_skip_onednn_and_restore_its_switch():
     basis, coefficient, bias = factors(dtype=torch.bfloat16)
     x = torch.randn(1, 1, basis.shape[1]).to(torch.bfloat16)  # one token: the matrix-vector path

@@ -87,7 +87,7 @@ def factorized_forward(x: torch.Tensor, basis: torch.Tensor, coefficient: torch.
             h = h.to(coefficient.dtype)
         y = torch.mm(h, coefficient.T) if bias is None else torch.addmm(bias, h, coefficient.T)
         y = y.view(*x.shape[:-1], coefficient.shape[0])
-    elif _ONEDNN_SWITCH and basis.dtype in PLAIN_PRODUCT_DTYPES and basis.device.type == "cpu":
+    elif tokens < TRANSPOSED_MIN_TOKENS and _ONEDNN_SWITCH and basis.dtype in PLAIN_PRODUCT_DTYPES and basis.device.type == "cpu":
         enabled = torch._C._get_mkldnn_enabled()
         torch._C._set_mkldnn_enabled(False)
         try:
