@@ -33,14 +33,18 @@ class LowRankLinear(nn.Module):
     def rank(self) -> int:
         return self.basis.shape[0]
 
-    def _factors_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The padded factors (``pad_ranks``) where they still hold this module's values (no new factors
-        assigned since, no gradients asked for) and ``x`` has many tokens; the parameters otherwise."""
+    def _padding_holds_factors(self) -> bool:
+        """Whether the padded copies (``pad_ranks``) are still the storage of ``basis`` and ``coefficient``."""
         p = self._padded
-        if (p is not None and x.numel() >= TRANSPOSED_MIN_TOKENS * self.in_features
-                and self.basis.data_ptr() == p[0].data_ptr() and self.coefficient.data_ptr() == p[1].data_ptr()
-                and self.basis.dtype == p[0].dtype and not (self.basis.requires_grad or self.coefficient.requires_grad)):
-            return p
+        return p is not None and self.basis.data_ptr() == p[0].data_ptr() and self.coefficient.data_ptr() == p[1].data_ptr()
+
+    def _factors_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The padded factors where they still hold this module's values (no new factors assigned since, no
+        gradients asked for) and ``x`` has many tokens; the parameters otherwise."""
+        if (x.numel() >= TRANSPOSED_MIN_TOKENS * self.in_features and self._padding_holds_factors()
+                and self.basis.dtype == self._padded[0].dtype
+                and not (self.basis.requires_grad or self.coefficient.requires_grad)):
+            return self._padded
         return self.basis, self.coefficient
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,8 +52,7 @@ class LowRankLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        p = self._padded
-        if p is not None and (self.basis.data_ptr() != p[0].data_ptr() or self.coefficient.data_ptr() != p[1].data_ptr()):
+        if self._padded is not None and not self._padding_holds_factors():
             self._padded = None  # moved or cast (``.to``): the padded copies are stale; ``pad_ranks`` pads anew
         return out
 
