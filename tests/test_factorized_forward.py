@@ -193,10 +193,39 @@ def test_rank_multiple_must_be_positive(tmp_path):
     for bad in (0, -32, 2.5):
         with pytest.raises(ValueError, match=f"rank_multiple={bad}: use a positive integer"):
             CompressedModel.from_pretrained(folder, rank_multiple=bad)
-    padded = CompressedModel.from_pretrained(folder, rank_multiple=16)  # float32 on request
-    assert all(m._padded is not None for m in padded.modules() if isinstance(m, LowRankLinear) and m.rank % 16)
+    padded = CompressedModel.from_pretrained(folder)  # float32: padded to 16 by default
+    plain = CompressedModel.from_pretrained(folder, rank_multiple=1)
+    low_rank = [m for m in padded.modules() if isinstance(m, LowRankLinear)]
+    assert any(m.rank % 16 for m in low_rank)
+    assert all(m._padded[0].shape[0] == -(-m.rank // 16) * 16 for m in low_rank if m.rank % 16)
+    assert all(m._padded is None for m in plain.modules() if isinstance(m, LowRankLinear))
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(_logits(padded, ids), _logits(peft_model, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(plain, ids), _logits(peft_model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_default_rank_multiple_per_dtype_and_device():
+    from peft_basis.standalone.load import default_rank_multiple
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_rank_multiple(torch.bfloat16, cpu) == default_rank_multiple(torch.bfloat16, cuda) == 32
+    assert default_rank_multiple(torch.float16, cuda) == 32
+    assert default_rank_multiple(torch.float32, cpu) == default_rank_multiple(torch.float32, cuda) == 16
+    assert default_rank_multiple(torch.float16, cpu) == 16
+
+
+@pytest.mark.parametrize("rank,transposed", [(13, True), (16, False), (48, False)])
+def test_float32_product_order_follows_the_rank(rank, transposed, monkeypatch):
+    """Many-token float32 products: the transposed order only for ranks that are not multiples of 16 (the
+    padded ones run faster plain, see ``PLAIN_PRODUCT_RANK_MULTIPLE``); both give the two Linears' values."""
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or real_mm(*a, **k))
+    basis, coefficient, bias = factors(rank=rank)
+    x = torch.randn(2, TRANSPOSED_MIN_TOKENS, basis.shape[1])
+    y = factorized_forward(x, basis, coefficient, None)
+    assert bool(calls) == transposed
+    torch.testing.assert_close(y.double(), reference(x, basis, coefficient, None), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("tokens,switched", [(1, True), (TRANSPOSED_MIN_TOKENS - 1, True), (TRANSPOSED_MIN_TOKENS, False),

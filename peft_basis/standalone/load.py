@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..modules import in_out_features, is_linear
-from ..tuners.factorized import aligned_rows
+from ..tuners.factorized import PLAIN_PRODUCT_RANK_MULTIPLE, aligned_rows
 from .checkpoint import (
     COMPRESSION_CONFIG,
     SCALE_SUFFIX,
@@ -57,9 +57,9 @@ class CompressedModel:
         ``config.json`` on the meta device and every tensor is read once from the shards.
         ``rank_multiple``: the factorised modules run their many-token products at ranks rounded up to this
         multiple, zero-padded (the same values; :func:`~peft_basis.standalone.pad_ranks`). Default: 32 in
-        bfloat16 (and in float16 on a GPU), whose matrix units work in tiles; 1 (no padding) otherwise. Give
-        ``dtype`` and ``device`` here rather than moving the model later: a move or cast drops the padding
-        (call ``pad_ranks(model, 32)`` again after it).
+        bfloat16 (and in float16 on a GPU), whose matrix units work in tiles; 16 otherwise (float32's vector
+        width); 1 turns it off. Give ``dtype`` and ``device`` here rather than moving the model later: a
+        move or cast drops the padding (call ``pad_ranks(model, 32)`` again after it).
 
         The returned model's ``save_pretrained`` and ``push_to_hub`` write this format again (not a
         transformers checkpoint, which could not hold the factors)."""
@@ -158,10 +158,11 @@ class CompressedModel:
 
 
 def default_rank_multiple(dtype: torch.dtype, device: torch.device) -> int:
-    """32 where the matrix units work in tiles (bfloat16: CPU AMX, GPU tensor cores; float16 on a GPU), else 1."""
+    """32 where the matrix units work in tiles (bfloat16: CPU AMX, GPU tensor cores; float16 on a GPU); else 16,
+    the vector width of AVX-512 kernels in float32 (``PLAIN_PRODUCT_RANK_MULTIPLE``)."""
     if dtype == torch.bfloat16 or (dtype == torch.float16 and device.type == "cuda"):
         return 32
-    return 1
+    return PLAIN_PRODUCT_RANK_MULTIPLE
 
 
 def _load_generation_config(model, folder: str) -> None:

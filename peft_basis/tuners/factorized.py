@@ -34,14 +34,17 @@ def write_dense_weight(base_layer: nn.Module, weight_out_in: torch.Tensor) -> No
     base_layer._parameters["weight"] = nn.Parameter(w.detach().to(dtype).contiguous(), requires_grad=False)
 
 
-# From this many tokens on, the first product is computed as ``basis @ x^T`` (the rank is the GEMM's row
-# count) rather than ``x @ basis^T`` (the rank its column count): BLAS kernels run a column count that is
-# not a multiple of the vector width (16 floats on AVX-512) at a visible loss, a row count nearly free,
-# and the ranks an exact budget gives are rarely multiples of 16. Below it (decoding) the products are
+# From this many tokens on, a float32 product whose rank is not a multiple of the vector width (16 floats on
+# AVX-512) computes the first product as ``basis @ x^T`` (the rank is the GEMM's row count) rather than
+# ``x @ basis^T`` (the rank its column count): BLAS kernels run an odd column count at a visible loss, an odd row
+# count nearly free. A rank that is a multiple of 16 runs fastest in the plain order, which is why
+# ``CompressedModel.from_pretrained`` pads float32 ranks to 16 (``peft_basis.standalone.modules.pad_ranks``);
+# the transposed order is for the ranks nobody padded (the PEFT layers). Below it (decoding) the products are
 # matrix-vector ones, where the plain form is as fast and the transposes only cost dispatch time.
 # Not for bfloat16: oneDNN's AMX kernels run the transposed pair slower than the plain one, and want the
-# rank a multiple of 32 instead (``peft_basis.standalone.modules.pad_ranks``).
+# rank a multiple of 32 instead.
 TRANSPOSED_MIN_TOKENS = 32
+PLAIN_PRODUCT_RANK_MULTIPLE = 16
 PLAIN_PRODUCT_DTYPES = (torch.bfloat16,)
 # Few-token (decoding) bfloat16 products on the CPU skip oneDNN: its matrix-vector products pay a fixed cost per
 # call (about 20 us) that ATen's own kernels do not, and the factorised Linear makes two calls where the dense one
@@ -81,7 +84,8 @@ def factorized_forward(x: torch.Tensor, basis: torch.Tensor, coefficient: torch.
         bias = bias.to(coefficient.dtype)
     d_in = x.shape[-1]
     tokens = x.numel() // d_in if d_in else 0
-    if tokens >= TRANSPOSED_MIN_TOKENS and basis.dtype not in PLAIN_PRODUCT_DTYPES:
+    if (tokens >= TRANSPOSED_MIN_TOKENS and basis.dtype not in PLAIN_PRODUCT_DTYPES
+            and basis.shape[0] % PLAIN_PRODUCT_RANK_MULTIPLE):
         h = torch.mm(basis, x.reshape(tokens, d_in).T).T  # rank x tokens, transposed back as a view
         if h.dtype != coefficient.dtype:  # a base-dtype basis shared by adapter-dtype coefficients
             h = h.to(coefficient.dtype)
