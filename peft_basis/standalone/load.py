@@ -59,7 +59,7 @@ class CompressedModel:
         multiple, zero-padded (the same values; :func:`~peft_basis.standalone.pad_ranks`). Default: 32 in
         bfloat16 (and in float16 on a GPU), whose matrix units work in tiles; 16 otherwise (float32's vector
         width); 1 turns it off. Give ``dtype`` and ``device`` here rather than moving the model later: a
-        move or cast drops the padding (call ``pad_ranks(model, 32)`` again after it).
+        move or cast drops the padding (call ``pad_ranks(model, 32)``, 16 in float32, again after it).
 
         The returned model's ``save_pretrained`` and ``push_to_hub`` write this format again (not a
         transformers checkpoint, which could not hold the factors)."""
