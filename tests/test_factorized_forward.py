@@ -14,7 +14,13 @@ import peft_basis  # noqa: F401
 from peft_basis import CompressedModel, SharedBasisConfig, calibrate, save_compressed
 from peft_basis.evaluation import count_parameters
 from peft_basis.standalone import LowRankLinear, pad_ranks
-from peft_basis.tuners.factorized import TRANSPOSED_MIN_TOKENS, aligned_rows, factorized_forward
+from peft_basis.tuners.factorized import (
+    TRANSPOSED_MIN_TOKENS,
+    aligned_rows,
+    default_rank_multiple,
+    factorized_forward,
+    padded_view,
+)
 from peft_basis.tuners.shared_basis.layer import SharedBasisLayer
 
 from .models import fresh_copy, tiny_gpt2, tiny_llama, token_batches
@@ -157,16 +163,17 @@ def test_bfloat16_ranks_padded_to_32_same_logits_parameters_and_files(group_size
     low_rank = [m for m in padded.modules() if isinstance(m, LowRankLinear)]
     assert low_rank and all(m.rank % 32 for m in low_rank)  # the tiny ranks are not multiples of 32
     for m in low_rank:
-        basis, coefficient = m._padded
+        basis, coefficient = padded_view(m.basis), padded_view(m.coefficient)
         assert basis.shape == (-(-m.rank // 32) * 32, m.in_features) and coefficient.shape[1] == basis.shape[0]
         assert torch.equal(basis[: m.rank], m.basis) and not basis[m.rank :].any() and not coefficient[:, m.rank :].any()
+        assert basis.data_ptr() == m.basis.data_ptr() and coefficient.data_ptr() == m.coefficient.data_ptr()
     if group_size > 1:  # a shared basis is padded once, and stays one Parameter
         shared = {}
         for m in low_rank:
-            shared.setdefault(m.basis_name, set()).add((id(m.basis), id(m._padded[0])))
+            shared.setdefault(m.basis_name, set()).add((id(m.basis), m.basis.data_ptr()))
         assert all(len(v) == 1 for v in shared.values())
         assert len(shared) < len(low_rank)
-    assert all(m._padded is None for m in plain.modules() if isinstance(m, LowRankLinear))
+    assert all(padded_view(m.basis) is None for m in plain.modules() if isinstance(m, LowRankLinear))
     assert count_parameters(padded) == count_parameters(plain) == count_parameters(peft_model)
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(4))  # 80 tokens: padded products
     short = ids[:1, :5]  # decoding: the unpadded views
@@ -177,13 +184,12 @@ def test_bfloat16_ranks_padded_to_32_same_logits_parameters_and_files(group_size
     again = _tensors(str(tmp_path / "again"))
     first = _tensors(folder)
     assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
-    m = low_rank[0]
-    many, few = (torch.zeros(1, n, m.in_features, dtype=torch.bfloat16) for n in (40, 5))
-    assert m._factors_for(many)[0] is m._padded[0] and m._factors_for(few)[0] is m.basis
-    # cast after loading: the padded copies are dropped, the parameters are used; pad_ranks pads anew
+    # cast after loading: the padding no longer describes the factors and is not used; pad_ranks pads anew
     as_float = padded.float()
-    assert m._padded is None and m._factors_for(many.float())[0] is m.basis
-    assert pad_ranks(as_float, 32) > 0 and m._padded[0].dtype == torch.float32
+    m = low_rank[0]
+    assert padded_view(m.basis) is None and padded_view(m.coefficient) is None
+    torch.testing.assert_close(_logits(as_float, ids), _logits(plain.float(), ids), rtol=1e-5, atol=1e-5)
+    assert pad_ranks(as_float, 32) > 0 and padded_view(m.basis).dtype == torch.float32
     torch.testing.assert_close(_logits(as_float, ids), _logits(plain.float(), ids), rtol=1e-5, atol=1e-5)
 
 
@@ -197,16 +203,14 @@ def test_rank_multiple_must_be_positive(tmp_path):
     plain = CompressedModel.from_pretrained(folder, rank_multiple=1)
     low_rank = [m for m in padded.modules() if isinstance(m, LowRankLinear)]
     assert any(m.rank % 16 for m in low_rank)
-    assert all(m._padded[0].shape[0] == -(-m.rank // 16) * 16 for m in low_rank if m.rank % 16)
-    assert all(m._padded is None for m in plain.modules() if isinstance(m, LowRankLinear))
+    assert all(padded_view(m.basis).shape[0] == -(-m.rank // 16) * 16 for m in low_rank if m.rank % 16)
+    assert all(padded_view(m.basis) is None for m in plain.modules() if isinstance(m, LowRankLinear))
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(_logits(padded, ids), _logits(peft_model, ids), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(_logits(plain, ids), _logits(peft_model, ids), rtol=1e-5, atol=1e-5)
 
 
 def test_default_rank_multiple_per_dtype_and_device():
-    from peft_basis.standalone.load import default_rank_multiple
-
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert default_rank_multiple(torch.bfloat16, cpu) == default_rank_multiple(torch.bfloat16, cuda) == 32
     assert default_rank_multiple(torch.float16, cuda) == 32

@@ -9,8 +9,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..memory import release_pages
 from ..modules import in_out_features, is_linear
-from ..tuners.factorized import PLAIN_PRODUCT_RANK_MULTIPLE, aligned_rows
+from ..tuners.factorized import aligned_rows, default_rank_multiple
 from .checkpoint import (
     COMPRESSION_CONFIG,
     SCALE_SUFFIX,
@@ -84,7 +85,11 @@ class CompressedModel:
         def factor(name: str) -> nn.Parameter:
             # rows on cache lines (a view into padded storage where needed): faster decoding, same values
             if not int8:
-                return nn.Parameter(aligned_rows(tensor(name)), requires_grad=False)
+                read = tensor(name)
+                aligned = aligned_rows(read)
+                if aligned is not read:
+                    release_pages(read)  # copied: the mapped checkpoint's pages are not needed any more
+                return nn.Parameter(aligned, requires_grad=False)
             q, scale = shards.get(name), shards.get(name + SCALE_SUFFIX)
             used.update((name, name + SCALE_SUFFIX))
             return nn.Parameter(aligned_rows(dequantize_rows_int8(q, scale, compute_dtype).to(device)), requires_grad=False)
@@ -155,14 +160,6 @@ class CompressedModel:
         model.save_pretrained = types.MethodType(_save_pretrained, model)
         model.push_to_hub = types.MethodType(push_compressed_to_hub, model)
         return model.eval()
-
-
-def default_rank_multiple(dtype: torch.dtype, device: torch.device) -> int:
-    """32 where the matrix units work in tiles (bfloat16: CPU AMX, GPU tensor cores; float16 on a GPU); else 16,
-    the vector width of AVX-512 kernels in float32 (``PLAIN_PRODUCT_RANK_MULTIPLE``)."""
-    if dtype == torch.bfloat16 or (dtype == torch.float16 and device.type == "cuda"):
-        return 32
-    return PLAIN_PRODUCT_RANK_MULTIPLE
 
 
 def _load_generation_config(model, folder: str) -> None:

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..tuners.factorized import TRANSPOSED_MIN_TOKENS, factorized_forward
+from ..tuners.factorized import factorized_forward, pad_factors
 
 
 class LowRankLinear(nn.Module):
@@ -27,34 +27,13 @@ class LowRankLinear(nn.Module):
         self.bias = bias
         self.basis_name = basis_name  # the basis' tensor name in the checkpoint (shared ones are stored once)
         self.in_features, self.out_features = basis.shape[1], coefficient.shape[0]
-        self._padded: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # see ``pad_ranks``
 
     @property
     def rank(self) -> int:
         return self.basis.shape[0]
 
-    def _padding_holds_factors(self) -> bool:
-        """Whether the padded copies (``pad_ranks``) are still the storage of ``basis`` and ``coefficient``."""
-        p = self._padded
-        return p is not None and self.basis.data_ptr() == p[0].data_ptr() and self.coefficient.data_ptr() == p[1].data_ptr()
-
-    def _factors_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The padded factors where they still hold this module's values (no new factors assigned since, no
-        gradients asked for) and ``x`` has many tokens; the parameters otherwise."""
-        if (x.numel() >= TRANSPOSED_MIN_TOKENS * self.in_features and self._padding_holds_factors()
-                and self.basis.dtype == self._padded[0].dtype
-                and not (self.basis.requires_grad or self.coefficient.requires_grad)):
-            return self._padded
-        return self.basis, self.coefficient
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return factorized_forward(x, *self._factors_for(x), self.bias)
-
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        if self._padded is not None and not self._padding_holds_factors():
-            self._padded = None  # moved or cast (``.to``): the padded copies are stale; ``pad_ranks`` pads anew
-        return out
+        return factorized_forward(x, self.basis, self.coefficient, self.bias)  # padded copies: ``pad_ranks``
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
@@ -64,36 +43,14 @@ class LowRankLinear(nn.Module):
 def pad_ranks(model: nn.Module, multiple: int) -> int:
     """Let every factorised module run its many-token products at its rank rounded up to ``multiple``, with
     zero rows in the basis and zero columns in the coefficient: the same products (the padding adds exact
-    zeros), on the tiles that bfloat16 kernels (CPU AMX, GPU tensor cores) run at full speed. ``basis`` and
-    ``coefficient`` become views of the unpadded part, so parameter counts, ``state_dict`` and saved
-    checkpoints are unchanged; decoding (few tokens) uses the views. A basis shared by several modules is
-    padded once. Costs ``padding x in_features`` elements per basis; returns how many elements in all."""
+    zeros), on the tiles that the kernels run at full speed (``peft_basis.tuners.factorized.pad_factors``).
+    ``basis`` and ``coefficient`` stay the same Parameters, views of the unpadded part, so parameter counts,
+    ``state_dict`` and saved checkpoints are unchanged; decoding (few tokens) uses the views. A basis shared by
+    several modules is padded once. A cast or a move (``.to``) drops the padding; call this again after it.
+    Returns how many elements the padding added."""
     if multiple <= 1:
         return 0
-    by_basis: dict[int, list[LowRankLinear]] = {}
-    for m in model.modules():
-        if isinstance(m, LowRankLinear) and m._padded is None:
-            by_basis.setdefault(id(m.basis), []).append(m)
-    added = 0
-    for members in by_basis.values():
-        first = members[0]
-        rank = first.rank
-        padded = -(-rank // multiple) * multiple
-        if padded == rank:
-            continue
-        with torch.no_grad():
-            basis = first.basis.new_zeros(padded, first.in_features)
-            basis[:rank] = first.basis
-        view = nn.Parameter(basis[:rank], requires_grad=first.basis.requires_grad)
-        added += (padded - rank) * first.in_features
-        for m in members:
-            with torch.no_grad():
-                coefficient = m.coefficient.new_zeros(m.out_features, padded)
-                coefficient[:, :rank] = m.coefficient
-            m.basis = view
-            m.coefficient = nn.Parameter(coefficient[:, :rank], requires_grad=m.coefficient.requires_grad)
-            m._padded = (basis, coefficient)
-    return added
+    return sum(pad_factors(m.basis, m.coefficient, multiple) for m in model.modules() if isinstance(m, LowRankLinear))
 
 
 @dataclass

@@ -8,6 +8,8 @@ back into it, which is what ``merge_and_unload`` ("decompress") returns.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -37,12 +39,12 @@ def write_dense_weight(base_layer: nn.Module, weight_out_in: torch.Tensor) -> No
 # From this many tokens on, a float32 product whose rank is not a multiple of the vector width (16 floats on
 # AVX-512) computes the first product as ``basis @ x^T`` (the rank is the GEMM's row count) rather than
 # ``x @ basis^T`` (the rank its column count): BLAS kernels run an odd column count at a visible loss, an odd row
-# count nearly free. A rank that is a multiple of 16 runs fastest in the plain order, which is why
-# ``CompressedModel.from_pretrained`` pads float32 ranks to 16 (``peft_basis.standalone.modules.pad_ranks``);
-# the transposed order is for the ranks nobody padded (the PEFT layers). Below it (decoding) the products are
-# matrix-vector ones, where the plain form is as fast and the transposes only cost dispatch time.
-# Not for bfloat16: oneDNN's AMX kernels run the transposed pair slower than the plain one, and want the
-# rank a multiple of 32 instead.
+# count nearly free. A rank that is a multiple of 16 runs fastest in the plain order, which is why the factors
+# are padded (``pad_factors``): eagerly by ``CompressedModel.from_pretrained``, at the first many-token forward
+# without gradients by the PEFT layers; the transposed order is for the ranks nobody padded. Below it
+# (decoding) the products are matrix-vector ones, where the plain form is as fast and the transposes only cost
+# dispatch time. Not for bfloat16: oneDNN's AMX kernels run the transposed pair slower than the plain one, and
+# want the rank a multiple of 32 instead.
 TRANSPOSED_MIN_TOKENS = 32
 PLAIN_PRODUCT_RANK_MULTIPLE = 16
 PLAIN_PRODUCT_DTYPES = (torch.bfloat16,)
@@ -50,6 +52,16 @@ PLAIN_PRODUCT_DTYPES = (torch.bfloat16,)
 # call (about 20 us) that ATen's own kernels do not, and the factorised Linear makes two calls where the dense one
 # makes one. The switch is torch's global one, set around the two products and restored.
 _ONEDNN_SWITCH = hasattr(torch._C, "_get_mkldnn_enabled") and hasattr(torch._C, "_set_mkldnn_enabled")
+# The attribute on a padded factor Parameter that records its padding (see ``pad_factor``).
+_PADDING_ATTR = "_peft_basis_padding"
+
+
+def default_rank_multiple(dtype: torch.dtype, device: torch.device) -> int:
+    """32 where the matrix units work in tiles (bfloat16: CPU AMX, GPU tensor cores; float16 on a GPU); else 16,
+    the vector width of AVX-512 kernels in float32 (``PLAIN_PRODUCT_RANK_MULTIPLE``)."""
+    if dtype == torch.bfloat16 or (dtype == torch.float16 and device.type == "cuda"):
+        return 32
+    return PLAIN_PRODUCT_RANK_MULTIPLE
 
 
 # Rows of a factor start on this byte boundary (a cache line): see ``aligned_rows``.
@@ -74,9 +86,67 @@ def aligned_rows(t: torch.Tensor) -> torch.Tensor:
     return storage[:, : t.shape[1]]
 
 
-def factorized_forward(x: torch.Tensor, basis: torch.Tensor, coefficient: torch.Tensor, bias) -> torch.Tensor:
+def padded_view(factor: torch.Tensor) -> Optional[torch.Tensor]:
+    """The zero-padded factor that ``factor`` (a Parameter padded by ``pad_factor``) is a view of, or None where
+    it was not padded or its data changed since (a cast, a move, ``.data`` assigned: the record no longer
+    describes it)."""
+    record = getattr(factor, _PADDING_ATTR, None)
+    if record is None:
+        return None
+    shape, stride, pointer, nbytes, padded_shape, padded_stride = record
+    if (factor.data_ptr() != pointer or factor.shape != shape or factor.stride() != stride
+            or factor.untyped_storage().nbytes() != nbytes):
+        return None
+    return factor.detach().as_strided(padded_shape, padded_stride)
+
+
+def pad_factor(factor: nn.Parameter, rank_dim: int, multiple: int) -> int:
+    """Make ``factor``'s data a view of a copy whose rank dimension (0 for a basis ``rank x d_in``, 1 for a
+    coefficient ``d_out x rank``) is rounded up to ``multiple`` with zeros; ``padded_view`` returns that copy.
+    The Parameter stays the same object with the same shape and values (optimisers, shared bases and
+    ``state_dict`` see nothing), and saving writes only the view. A coefficient's rows also start on cache
+    lines (``aligned_rows``). Returns the elements added; 0 where the rank, or its padding, is a multiple
+    already."""
+    current = padded_view(factor)
+    if factor.dim() != 2 or factor.device.type == "meta" or (current is not None and current.shape[rank_dim] % multiple == 0):
+        return 0
+    rank = factor.shape[rank_dim]
+    padded = -(-rank // multiple) * multiple
+    if rank == 0 or padded == rank:
+        return 0
+    if rank_dim == 0:
+        rows, cols, stride = padded, factor.shape[1], factor.shape[1]
+    else:
+        step = max(ROW_ALIGNMENT_BYTES // factor.element_size(), 1)
+        rows, cols, stride = factor.shape[0], padded, -(-padded // step) * step
+    # outside inference mode: a factor padded during ``torch.inference_mode`` must still train afterwards
+    with torch.inference_mode(False), torch.no_grad():
+        storage = factor.new_zeros(rows, stride)
+        storage[: factor.shape[0], : factor.shape[1]] = factor
+        release_pages(factor.data)  # a factor read from a mapped checkpoint: its pages are not needed any more
+        factor.data = storage[: factor.shape[0], : factor.shape[1]]
+    setattr(factor, _PADDING_ATTR, (factor.shape, factor.stride(), factor.data_ptr(), storage.untyped_storage().nbytes(),
+                                    (rows, cols), (stride, 1)))
+    return storage.numel() - factor.numel()
+
+
+def pad_factors(basis: nn.Parameter, coefficient: nn.Parameter, multiple: int) -> int:
+    """``pad_factor`` on a module's pair (a shared basis is padded by its first member only)."""
+    return pad_factor(basis, 0, multiple) + pad_factor(coefficient, 1, multiple)
+
+
+def _uses_padding(tokens: int, basis: torch.Tensor, coefficient: torch.Tensor) -> bool:
+    """Many tokens, and no gradient to compute for the factors: the padded copies would not get it."""
+    return tokens >= TRANSPOSED_MIN_TOKENS and not (
+        torch.is_grad_enabled() and (basis.requires_grad or coefficient.requires_grad))
+
+
+def factorized_forward(x: torch.Tensor, basis: torch.Tensor, coefficient: torch.Tensor, bias,
+                       pad: bool = False) -> torch.Tensor:
     """``(x basis^T) coefficient^T + bias`` in the factors' dtype, returned in ``x``'s. Every factorised
-    module runs this one function, so the PEFT layers and the standalone model give bitwise equal outputs."""
+    module runs this one function, so the PEFT layers and the standalone model give bitwise equal outputs.
+    Many-token products without gradients run on the factors' zero-padded copies where they have them
+    (``pad_factors``; the same values); ``pad=True`` pads them first (the rank multiple per dtype and device)."""
     dtype = x.dtype
     if dtype != basis.dtype:
         x = x.to(basis.dtype)
@@ -84,6 +154,13 @@ def factorized_forward(x: torch.Tensor, basis: torch.Tensor, coefficient: torch.
         bias = bias.to(coefficient.dtype)
     d_in = x.shape[-1]
     tokens = x.numel() // d_in if d_in else 0
+    if _uses_padding(tokens, basis, coefficient):
+        if pad and isinstance(basis, nn.Parameter) and isinstance(coefficient, nn.Parameter):
+            pad_factors(basis, coefficient, default_rank_multiple(basis.dtype, basis.device))
+        padded_basis, padded_coefficient = padded_view(basis), padded_view(coefficient)
+        if (padded_basis is not None and padded_coefficient is not None
+                and padded_basis.shape[0] == padded_coefficient.shape[1]):
+            basis, coefficient = padded_basis, padded_coefficient
     if (tokens >= TRANSPOSED_MIN_TOKENS and basis.dtype not in PLAIN_PRODUCT_DTYPES
             and basis.shape[0] % PLAIN_PRODUCT_RANK_MULTIPLE):
         h = torch.mm(basis, x.reshape(tokens, d_in).T).T  # rank x tokens, transposed back as a view

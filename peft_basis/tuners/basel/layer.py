@@ -151,7 +151,7 @@ class BaselLayer(FactorizedLayerMixin, nn.Module, BaseTunerLayer):
     def adapter_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         A, B, bias = self.basel_A[adapter], self.basel_B[adapter], self.base_layer.bias
         if self.basel_phase[adapter] == "factorized":
-            return factorized_forward(x, A, B, bias)
+            return factorized_forward(x, A, B, bias, pad=True)
         dtype = x.dtype
         xc = x.to(A.dtype)
         h = nn.functional.linear(xc, A) * (self.basel_w[adapter] ** 2)

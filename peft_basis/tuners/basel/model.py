@@ -360,7 +360,7 @@ class FactorizedLinear(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down, up = self[0], self[1]
         if type(down) is nn.Linear and type(up) is nn.Linear:  # the Basel layer's own arithmetic: equal outputs
-            return factorized_forward(x, down.weight, up.weight, up.bias)
+            return factorized_forward(x, down.weight, up.weight, up.bias, pad=True)
         return super().forward(x)  # e.g. dynamically quantised Linears
 
 
