@@ -433,6 +433,13 @@ def main(argv=None) -> None:
     log(f"wrote {args.out}.json and .md")
 
 
+def _peak_split(c: dict) -> str:
+    """`` (1.41, 1.50)``: the calibrate and compress peaks, where the run recorded them apart."""
+    if "calibrate_peak_over_model" not in c:
+        return ""
+    return f" ({c['calibrate_peak_over_model']:.2f}, {c['compress_peak_over_model']:.2f})"
+
+
 def markdown(r: dict) -> str:
     cut = f", cut to its first {r['layers']} decoder layers" if r["layers"] is not None else ""
     lines = ["# Shipping a compressed model (`benchmarks/shipping.py`)\n",
@@ -525,7 +532,7 @@ def markdown(r: dict) -> str:
         lines += ["Cost of compressing on the whole-model path (a fresh process each): seconds, and over the bare "
                   "forward passes over the same calibration batches; peak memory over the model's size:\n",
                   "| config | calibrate s | compress s | bare forward s | calibrate x fwd | compress x fwd | "
-                  "total x fwd | peak / model | stored fraction |", "|---|---|---|---|---|---|---|---|---|"]
+                  "total x fwd | peak / model (calibrate, compress) | stored fraction |", "|---|---|---|---|---|---|---|---|---|"]
         whitened = [c for c in r["cost"] if c["config"] == "whitened"]
         for c in r["cost"]:
             kw = c["config_kwargs"]
@@ -535,14 +542,16 @@ def markdown(r: dict) -> str:
             lines.append(f"| {name} | {c['calibrate_seconds']:.1f} | {c['compress_seconds']:.1f} | "
                          f"{c['forward_seconds']:.1f} | {c['calibrate_over_forward']:.1f} | "
                          f"{c['compress_over_forward']:.1f} | {c['total_over_forward']:.1f} | "
-                         f"{c['peak_over_model']:.2f} | {c['stored_fraction']:.4f} |")
+                         f"{c['peak_over_model']:.2f}{_peak_split(c)} | {c['stored_fraction']:.4f} |")
         if len(whitened) > 1:
             med = lambda k: statistics.median(c[k] for c in whitened)  # noqa: E731
             totals = sorted(c["total_over_forward"] for c in whitened)
+            peaks = sorted(c["peak_over_model"] for c in whitened)
             lines += ["", f"Whitened, median of {len(whitened)} fresh processes: calibrate {med('calibrate_over_forward'):.2f}x "
                       f"+ compress {med('compress_over_forward'):.2f}x, total **{med('total_over_forward'):.2f}x** the bare "
                       f"forward (single runs {totals[0]:.2f}x-{totals[-1]:.2f}x), peak **{med('peak_over_model'):.2f}x** the "
-                      "model. Each run's bare forward is the mean of one timed before and one after its calibration."]
+                      f"model (single runs {peaks[0]:.2f}x-{peaks[-1]:.2f}x). Each run's bare forward is the mean of one "
+                      "timed before and one after its calibration."]
         lines.append("")
     return "\n".join(lines)
 
