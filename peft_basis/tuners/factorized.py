@@ -68,6 +68,12 @@ def default_rank_multiple(dtype: torch.dtype, device: torch.device) -> int:
 ROW_ALIGNMENT_BYTES = 64
 
 
+def _aligned_stride(columns: int, element_size: int) -> int:
+    """The row stride, in elements, that starts every row of ``columns`` elements on a 64-byte boundary."""
+    step = max(ROW_ALIGNMENT_BYTES // element_size, 1)
+    return -(-columns // step) * step
+
+
 def aligned_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` (2-D) with each row starting on a 64-byte boundary: itself when its rows already do, otherwise a
     view into zero-padded storage (same values and shape, row stride rounded up; at most 15 float32 of padding
@@ -76,8 +82,7 @@ def aligned_rows(t: torch.Tensor) -> torch.Tensor:
     contiguous (PEFT and ``save_compressed`` both do), so checkpoints are unchanged."""
     if t.dim() != 2 or t.shape[0] <= 1 or t.shape[1] == 0:
         return t
-    step = max(ROW_ALIGNMENT_BYTES // t.element_size(), 1)
-    stride = -(-t.shape[1] // step) * step
+    stride = _aligned_stride(t.shape[1], t.element_size())
     if t.stride() == (stride, 1):  # contiguous with aligned rows already, or an aligned view
         return t
     with torch.no_grad():
@@ -117,8 +122,7 @@ def pad_factor(factor: nn.Parameter, rank_dim: int, multiple: int) -> int:
     if rank_dim == 0:
         rows, cols, stride = padded, factor.shape[1], factor.shape[1]
     else:
-        step = max(ROW_ALIGNMENT_BYTES // factor.element_size(), 1)
-        rows, cols, stride = factor.shape[0], padded, -(-padded // step) * step
+        rows, cols, stride = factor.shape[0], padded, _aligned_stride(padded, factor.element_size())
     # outside inference mode: a factor padded during ``torch.inference_mode`` must still train afterwards
     with torch.inference_mode(False), torch.no_grad():
         storage = factor.new_zeros(rows, stride)
@@ -155,9 +159,11 @@ def factorized_forward(x: torch.Tensor, basis: torch.Tensor, coefficient: torch.
     d_in = x.shape[-1]
     tokens = x.numel() // d_in if d_in else 0
     if _uses_padding(tokens, basis, coefficient):
-        if pad and isinstance(basis, nn.Parameter) and isinstance(coefficient, nn.Parameter):
-            pad_factors(basis, coefficient, default_rank_multiple(basis.dtype, basis.device))
         padded_basis, padded_coefficient = padded_view(basis), padded_view(coefficient)
+        if ((padded_basis is None or padded_coefficient is None) and pad and isinstance(basis, nn.Parameter)
+                and isinstance(coefficient, nn.Parameter)
+                and pad_factors(basis, coefficient, default_rank_multiple(basis.dtype, basis.device))):
+            padded_basis, padded_coefficient = padded_view(basis), padded_view(coefficient)
         if (padded_basis is not None and padded_coefficient is not None
                 and padded_basis.shape[0] == padded_coefficient.shape[1]):
             basis, coefficient = padded_basis, padded_coefficient
