@@ -73,6 +73,20 @@ def test_engine_gram_equals_explicit_sum_and_ignores_padding():
     torch.testing.assert_close(stats.gram(name), x.T @ x, rtol=1e-4, atol=1e-4)
 
 
+def test_grams_are_laid_out_before_the_first_batch_and_count_only_its_tokens():
+    from peft_basis.calibration.pipelines.whole_model import _LAYOUT_TOKENS, collect_grams
+
+    model = tiny_llama(layers=2)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n]
+    stats = CalibrationStatistics()
+    seen = []  # (input rows and tokens, how many Grams exist) at each forward of the first decoder layer
+    h = model.model.layers[0].register_forward_pre_hook(lambda m, a: seen.append((tuple(a[0].shape[:2]), len(stats.grams))))
+    collect_grams(model, names, token_batches(2, batch=2), progress=False, stats=stats)
+    h.remove()
+    assert seen == [((1, _LAYOUT_TOKENS), 0), ((2, 32), 2 * 4), ((2, 32), 2 * 4)]
+    assert set(stats.tokens.values()) == {2 * 2 * 32}
+
+
 def test_statistics_save_load_roundtrip(tmp_path):
     model = tiny_gpt2(layers=2)
     config = SharedBasisConfig()

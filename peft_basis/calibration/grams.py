@@ -6,6 +6,9 @@ the same tensor (q/k/v, gate/up), and (2) computing only the upper block-triangl
 Both pipelines (:mod:`peft_basis.calibration.pipelines`) attach these hooks. A module whose method needs only
 ``W G W^T`` (``output_modules``: a private whitened factorisation of a module with a narrower output than input)
 streams ``Y^T Y`` of its outputs instead, unless another target reads the same input (whose Gram is then made anyway).
+A first forward of a few tokens under :meth:`GramCollector.laying_out` finds which targets share an input and makes
+every Gram before the data's first batch: made during that batch, the Grams would sit among its activations in the
+heap, and the holes they leave are memory the allocator keeps.
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ class GramCollector:
         self._seen: dict[int, tuple] = {}  # id(tensor) -> (weakref, Gram key), current batch
         self.token_mask: torch.Tensor | None = None
         self._handles = []
+        self._laying_out = False  # inside `laying_out`: find the sources, make the Grams, add nothing
 
     def start_batch(self, attention_mask: torch.Tensor | None) -> None:
         """Before each batch: which tokens count (mask 1), and forget which tensors the last batch's modules read."""
@@ -102,6 +106,17 @@ class GramCollector:
 
     def end_batch(self) -> None:
         self._seen.clear()
+
+    @contextmanager
+    def laying_out(self):
+        """A forward pass inside this block makes every Gram it reaches (zero) and records which targets share
+        an input, without counting its tokens; a target it does not reach (an unused expert) gets its Gram later."""
+        self._laying_out = True
+        try:
+            yield
+        finally:
+            self._laying_out = False
+            self.end_batch()
 
     def _hook(self, name: str):
         def hook(module, args, kwargs=None):
@@ -118,6 +133,11 @@ class GramCollector:
             if owner is None and name in self.output_candidates:
                 self.output_mode.add(name)  # (not in _seen: a later reader of x makes its own input Gram)
             self.stats.sources[name] = name
+            if self._laying_out:
+                if name not in self.output_mode:
+                    self._seen[id(x)] = (weakref.ref(x), name)
+                    self._new_gram(name, in_out_features(module)[0], x.device)
+                return
             flat = self._tokens(x)
             if name in self.output_mode:  # the input's trace here (the damping's scale), Y^T Y in the output hook
                 key = INPUT_TRACE + name
@@ -127,14 +147,16 @@ class GramCollector:
                 self.stats.meta.setdefault("output_gram_inputs", {})[name] = flat.shape[1]
                 return
             self._seen[id(x)] = (weakref.ref(x), name)
-            if name not in self.stats.grams:
-                d = in_out_features(module)[0]
-                self.stats.grams[name] = torch.zeros(d, d, dtype=torch.float32, device=flat.device)
-                self.stats.tokens[name] = 0
+            self._new_gram(name, in_out_features(module)[0], flat.device)
             accumulate_gram(self.stats.grams[name], flat)
             self.stats.tokens[name] += flat.shape[0]
 
         return hook
+
+    def _new_gram(self, name: str, d: int, device: torch.device) -> None:
+        if name not in self.stats.grams:
+            self.stats.grams[name] = torch.zeros(d, d, dtype=torch.float32, device=device)
+            self.stats.tokens[name] = 0
 
     def _tokens(self, t: torch.Tensor) -> torch.Tensor:
         flat = t.detach().reshape(-1, t.shape[-1])
@@ -146,13 +168,16 @@ class GramCollector:
         def hook(module, args, output):
             if name not in self.output_mode:
                 return
+            key = OUTPUT_GRAM + name
+            if key not in self.stats.extra:
+                d = output.shape[-1]
+                self.stats.extra[key] = torch.zeros(d, d, dtype=torch.float32, device=output.device)
+            if self._laying_out:
+                return
             y = self._tokens(output)
             bias = getattr(module, "bias", None)
             if bias is not None:
                 y = y - bias.detach().float()
-            key = OUTPUT_GRAM + name
-            if key not in self.stats.extra:
-                self.stats.extra[key] = torch.zeros(y.shape[1], y.shape[1], dtype=torch.float32, device=y.device)
             accumulate_gram(self.stats.extra[key], y)
 
         return hook

@@ -4,6 +4,11 @@ per calibration batch, statistics streamed by hooks (never activations kept whol
 Cost floor of the Gram pass: the forward passes plus, per token and per *distinct* input, the symmetric
 Gram update (``d_in^2 / 2`` multiply-adds); the decoder runs without its ``lm_head`` when no target needs
 it (the 49k-vocab head of SmolLM2 is ~20% of its forward).
+
+Memory floor: the model, the Grams and one decoder layer's activations. The Grams are all made before the
+first batch (a forward of a few tokens lays them out), not among its activations: made during it, they leave
+the heap in pieces the allocator keeps (the peak then moves from run to run). Handing the heap back between
+layers (``malloc_trim``) would bound it further but costs a fifth of the pass in page faults.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from ..grams import GramCollector, backbone, batch_to_kwargs, model_device
 from ..statistics import CalibrationStatistics
 
 __all__ = ["WholeModelPipeline", "collect_fisher", "collect_grams", "model_loss"]
+
+_LAYOUT_TOKENS = 8
 
 
 class WholeModelPipeline:
@@ -79,6 +86,10 @@ def collect_grams(
                     break
                 kwargs = batch_to_kwargs(batch, device)
                 kwargs.pop("labels", None)
+                if n_batches == 0:
+                    with collector.laying_out():
+                        collector.start_batch(None)
+                        runner(**{k: v[:1, :_LAYOUT_TOKENS] for k, v in kwargs.items()}, use_cache=False)
                 collector.start_batch(kwargs.get("attention_mask"))
                 runner(**kwargs, use_cache=False)
                 n_batches += 1
