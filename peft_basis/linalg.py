@@ -191,10 +191,10 @@ class GroupFactors:
     eigenvalues: torch.Tensor
 
     def truncate(self, rank: int) -> "GroupFactors":
+        """The first ``rank`` components, as views: truncated by a rank or so, a copy would cost more (``memory``)."""
         if rank == self.basis.shape[0]:
             return self
-        return GroupFactors(self.basis[:rank].contiguous(), [c[:, :rank].contiguous() for c in self.coefficients],
-                            self.eigenvalues)
+        return GroupFactors(self.basis[:rank], [c[:, :rank] for c in self.coefficients], self.eigenvalues)
 
 
 def _damped_gram(gram: torch.Tensor, damping: float, name: str) -> torch.Tensor:

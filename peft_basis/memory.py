@@ -10,7 +10,9 @@ Two things keep memory resident after the library is done with it, on Linux:
   file, the same bytes, so nothing can be lost; a page the process wrote to (copy-on-write) is kept.
 - glibc keeps freed heap memory for reuse, per thread arena: the float64 temporaries of factorisations in
   worker threads stay resident (and RSS creeps up a few MB per layer of a layer-by-layer run). :func:`trim_memory`
-  hands it back (``malloc_trim``).
+  hands it back (``malloc_trim``). What a worker made and the model keeps (the factors) is laid out for good
+  in that worker (``in_layer_layout``): copied in the main thread, it would grow that thread's heap while the
+  original's memory stayed in the worker's, out of reach of a trim while anything lives near it.
 
 Elsewhere (macOS, Windows, musl) both do nothing.
 """

@@ -98,3 +98,36 @@ def test_finiteness_check_catches_every_non_finite_entry(bad, dtype):
 
 def test_finiteness_check_accepts_finite_grams_whose_sum_overflows():
     check_finite_gram(torch.full((8, 8), 3e38))  # finite entries; only their float32 sum is inf
+
+
+@pytest.mark.parametrize("rank_allocation", ["uniform", "global"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layers_hold_the_factors_the_workers_made(monkeypatch, rank_allocation, dtype):
+    # glibc keeps a heap per thread: a copy of the factors made in the main thread (a cast, a truncation,
+    # aligned rows) grows its heap while the originals' memory stays with the worker's, which was the last
+    # fifth of the compress peak on SmolLM2. The layers must hold the workers' own storage, in the right layout.
+    import peft_basis.tuners.shared_basis.model as shared_basis_model
+
+    monkeypatch.setenv("PEFT_BASIS_DECOMPOSITION_WORKERS", "2")
+    made, lay_out = {}, shared_basis_model.in_layer_layout
+
+    def recorded(f, dtype):
+        out = lay_out(f, dtype)
+        assert threading.current_thread().name.startswith("peft-basis-decomposition")
+        made.update({c.untyped_storage().data_ptr(): threading.current_thread().name for c in out.coefficients})
+        made.update({out.basis.untyped_storage().data_ptr(): threading.current_thread().name})
+        return out
+
+    monkeypatch.setattr(shared_basis_model, "in_layer_layout", recorded)
+    model = tiny_llama(2).to(dtype)
+    config = SharedBasisConfig(compression_ratio=0.3, group_size=1, rank_allocation=rank_allocation)
+    calibrate(model, config, token_batches(4), progress=False)
+    peft_model = get_peft_model(model, config)
+    layers = [m for m in peft_model.modules() if hasattr(m, "sb_coefficient")]
+    assert len(layers) + len(config.dense_modules) == 2 * 7 and layers  # (global: a few may stay dense)
+    for layer in layers:
+        coefficient, basis = layer.sb_coefficient["default"], layer.basis("default")
+        assert coefficient.dtype == basis.dtype == dtype
+        assert coefficient.untyped_storage().data_ptr() in made and basis.untyped_storage().data_ptr() in made
+        assert (coefficient.stride(0) * coefficient.element_size()) % 64 == 0  # rows on cache lines
+        assert coefficient.shape[1] == basis.shape[0] == layer.sb_rank["default"]

@@ -82,9 +82,10 @@ def aligned_rows(t: torch.Tensor) -> torch.Tensor:
     contiguous (PEFT and ``save_compressed`` both do), so checkpoints are unchanged."""
     if t.dim() != 2 or t.shape[0] <= 1 or t.shape[1] == 0:
         return t
-    stride = _aligned_stride(t.shape[1], t.element_size())
-    if t.stride() == (stride, 1):  # contiguous with aligned rows already, or an aligned view
+    if (t.stride(1) == 1 and t.stride(0) >= t.shape[1] and (t.stride(0) * t.element_size()) % ROW_ALIGNMENT_BYTES == 0
+            and t.data_ptr() % ROW_ALIGNMENT_BYTES == 0):  # aligned rows already (contiguous, or a view of such)
         return t
+    stride = _aligned_stride(t.shape[1], t.element_size())
     with torch.no_grad():
         storage = t.new_zeros(t.shape[0], stride)
         storage[:, : t.shape[1]] = t

@@ -6,6 +6,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ...linalg import GroupFactors
 from ...modules import in_out_features
 from ..factorized import FactorizedLayerMixin, aligned_rows, dense_is_dropped, drop_dense_weight, factorized_forward
 
@@ -18,6 +19,13 @@ def saved_basis_name(group_key: str) -> str:
 def saved_coefficient_name(module_name: str) -> str:
     """The name of a module's coefficient in ``adapter_model.safetensors`` (PEFT strips the adapter name)."""
     return f"base_model.model.{module_name}.sb_coefficient"
+
+
+def in_layer_layout(f: GroupFactors, dtype: torch.dtype) -> GroupFactors:
+    """The factors as the layers hold them: in the model's ``dtype``, coefficient rows on cache lines
+    (``aligned_rows``). Run where the factors were made (a decomposition worker): glibc keeps a heap per thread,
+    so copies made in the main thread would grow its heap while the originals' memory stays with the worker's."""
+    return GroupFactors(f.basis.to(dtype), [aligned_rows(c.to(dtype)) for c in f.coefficients], f.eigenvalues)
 
 
 class SharedBasisLayer(FactorizedLayerMixin, nn.Module, BaseTunerLayer):

@@ -49,7 +49,7 @@ from .grouping import (
 )
 from .anchored import AnchoredCompressor, held_apart_batches
 from .auto import keep_selection_tokens, selection_batches
-from .layer import SharedBasisLayer, saved_basis_name, saved_coefficient_name
+from .layer import SharedBasisLayer, in_layer_layout, saved_basis_name, saved_coefficient_name
 from .scores import fisher_plan, needs_fisher
 from .sequential import AdapterSink, SharedBasisLayerCompressor, StatisticsSink
 
@@ -246,9 +246,9 @@ class SharedBasisModel(PeftBasisTuner):
         def own_gram(m: str) -> torch.Tensor | None:
             return None if stats is None else stats.gram(m)
 
-        def factorise(g: Group, rank: int, eval_ranks: list[int], f: GroupFactors | None = None, g_gram=None):
-            """Factors at ``rank`` and the absolute member errors at each of ``eval_ranks``
-            (each member on its OWN Gram: the summed group Gram would flatter sharing)."""
+        def factorise(g: Group, rank: int, eval_ranks: list[int], f: GroupFactors | None = None, g_gram=None, final=False):
+            """Factors at ``rank`` and the absolute member errors at each of ``eval_ranks`` (each member on its OWN
+            Gram: the summed group Gram would flatter sharing); ``final``: in the layers' layout, made in the worker."""
             if f is None:
                 g_gram = gram(g.members) if g_gram is None else g_gram
                 f = factorize_group(weights(g), g_gram, rank, config.damping, g.members[0], scales(g), precision)
@@ -265,7 +265,7 @@ class SharedBasisModel(PeftBasisTuner):
                     for k, v in zip(eval_ranks, e):
                         errs[k].append(v)
                     refs.append(ref)
-            return f, errs, refs
+            return (in_layer_layout(f, modules[g.members[0]].weight.dtype) if final else f), errs, refs
 
         def release(g: Group) -> None:
             # The dense weights are not needed once a group's factors are final: drop them now, so the peak
@@ -356,7 +356,7 @@ class SharedBasisModel(PeftBasisTuner):
                 # side by side on the idle cores; the Grams are read (and warned about) in this thread
                 jobs = ((g, cap, sorted({min(uniform_rank(g, config), cap), cap}), gram(g.members))
                         for g, cap in zip(groups, caps))
-                with closing(map_decompositions(lambda job: factorise(*job[:3], g_gram=job[3]), jobs)) as done:
+                with closing(map_decompositions(lambda job: factorise(*job[:3], g_gram=job[3], final=True), jobs)) as done:
                     for g, (f, errs, rf) in zip(tqdm(groups, desc="factorising", unit="group"), done):
                         factors[g.key], errors[g.key], refs[g.key] = f, errs, rf
                         spectra[g.key] = normalised_spectrum(f.eigenvalues)
@@ -370,7 +370,7 @@ class SharedBasisModel(PeftBasisTuner):
                 ranks = allocate_ranks(groups, config, lambda g: spectra[g.key], stats)
                 groups, ranks, kept_dense = split_dense(groups, ranks)  # dense_at_break_even: no factors
                 jobs = ((g, r, [r], gram(g.members)) for g, r in zip(groups, ranks))
-                with closing(map_decompositions(lambda job: factorise(*job[:3], g_gram=job[3]), jobs)) as done:
+                with closing(map_decompositions(lambda job: factorise(*job[:3], g_gram=job[3], final=True), jobs)) as done:
                     for g, result in zip(tqdm(groups, desc="factorising", unit="group"), done):
                         factors[g.key], errors[g.key], refs[g.key] = result
                         release(g)
