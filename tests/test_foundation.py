@@ -74,6 +74,7 @@ def test_engine_gram_equals_explicit_sum_and_ignores_padding():
 
 
 def test_grams_are_laid_out_before_the_first_batch_and_count_only_its_tokens():
+    # (on the CPU)
     from peft_basis.calibration.pipelines.whole_model import _LAYOUT_TOKENS, collect_grams
 
     model = tiny_llama(layers=2)
@@ -83,7 +84,7 @@ def test_grams_are_laid_out_before_the_first_batch_and_count_only_its_tokens():
     h = model.model.layers[0].register_forward_pre_hook(lambda m, a: seen.append((tuple(a[0].shape[:2]), len(stats.grams))))
     collect_grams(model, names, token_batches(2, batch=2), progress=False, stats=stats)
     h.remove()
-    assert seen == [((1, _LAYOUT_TOKENS), 0), ((2, 32), 2 * 4), ((2, 32), 2 * 4)]
+    assert seen == [((1, _LAYOUT_TOKENS), 0)] + [((1, 32), 2 * 4)] * 4  # then each batch a sequence at a time
     assert set(stats.tokens.values()) == {2 * 2 * 32}
 
 

@@ -7,8 +7,12 @@ it (the 49k-vocab head of SmolLM2 is ~20% of its forward).
 
 Memory floor: the model, the Grams and one decoder layer's activations. The Grams are all made before the
 first batch (a forward of a few tokens lays them out), not among its activations: made during it, they leave
-the heap in pieces the allocator keeps (the peak then moves from run to run). Handing the heap back between
-layers (``malloc_trim``) would bound it further but costs a fifth of the pass in page faults.
+the heap in pieces the allocator keeps. Even so, in some runs (about one in five, whatever the hash seed,
+address randomisation or thread count) glibc's heap grows during a forward with free space it does not reuse,
+by several times that forward's activations. So on the CPU each batch runs one sequence at a time (as fast:
+the GEMMs have 512 rows or more), which bounds that growth to a sequence's activations, and the heap's free
+pages are handed back after each (``malloc_trim``, a few milliseconds; after every layer it would cost a fifth
+of the pass in page faults).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...errors import CalibrationError
+from ...memory import trim_memory
 from ..fisher import accumulators, batch_labels, finish_fisher, sequence_loss
 from ..grams import GramCollector, backbone, batch_to_kwargs, model_device
 from ..statistics import CalibrationStatistics
@@ -90,8 +95,10 @@ def collect_grams(
                     with collector.laying_out():
                         collector.start_batch(None)
                         runner(**{k: v[:1, :_LAYOUT_TOKENS] for k, v in kwargs.items()}, use_cache=False)
-                collector.start_batch(kwargs.get("attention_mask"))
-                runner(**kwargs, use_cache=False)
+                for rows in _sequences(kwargs, device):
+                    collector.start_batch(rows.get("attention_mask"))
+                    runner(**rows, use_cache=False)
+                    trim_memory()
                 n_batches += 1
     finally:
         model.train(was_training)
@@ -104,6 +111,18 @@ def collect_grams(
             f"(e.g. {never_called[:3]}). Remove them from `target_modules`."
         )
     return collector.finalize()
+
+
+def _sequences(kwargs: dict, device: torch.device):
+    """The batch one sequence at a time on the CPU (the same Grams: they are sums over tokens), the whole batch
+    elsewhere. Why: on the CPU a 512-token sequence keeps the GEMMs as fast, and the heap glibc leaves behind
+    (see the module's docstring) scales with one forward's activations."""
+    n = kwargs["input_ids"].shape[0]
+    if device.type != "cpu" or n == 1:
+        yield kwargs
+        return
+    for i in range(n):
+        yield {k: v[i : i + 1] for k, v in kwargs.items()}
 
 
 def collect_fisher(
