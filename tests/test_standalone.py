@@ -175,10 +175,24 @@ def test_int8_dequantises_to_the_compute_dtype(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     as_f32 = CompressedModel.from_pretrained(q8, dtype=torch.float32)
     assert {p.dtype for p in as_f32.parameters()} == {torch.float32}
+    # each factor is read once into its final layout: the view of its zero-padded copy, the dequantised values
+    from peft_basis.tuners.factorized import padded_view
+
+    plain = CompressedModel.from_pretrained(q8, rank_multiple=1)
+    for m, p in zip(model.modules(), plain.modules()):
+        if isinstance(m, LowRankLinear) and m.rank % 32:
+            for factor, unpadded in ((m.basis, p.basis), (m.coefficient, p.coefficient)):
+                padded = padded_view(factor)
+                assert padded is not None and padded.data_ptr() == factor.data_ptr() and torch.equal(factor, unpadded)
     from peft_basis.standalone.checkpoint import all_finite
 
     assert all_finite(torch.full((4,), 3e38)) and all_finite(torch.full((4,), 6e4, dtype=torch.float16))  # sums overflow
-    assert not all_finite(torch.tensor([1.0, float("inf"), -float("inf")])) and not all_finite(torch.tensor([float("nan")]))
+    assert all_finite(torch.empty(0, dtype=torch.bfloat16)) and all_finite(torch.arange(3))
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for bad in (float("inf"), -float("inf"), float("nan")):
+            t = torch.ones(5000, 3, dtype=dtype)
+            t[4321, 1] = bad
+            assert not all_finite(t) and not all_finite(t.T), (dtype, bad)
     q = torch.tensor([[127, -127, 0]], dtype=torch.int8)
     assert torch.equal(dequantize_rows_int8(q, torch.tensor([0.5]), torch.float32), torch.tensor([[63.5, -63.5, 0.0]]))
 

@@ -9,9 +9,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..memory import release_pages
 from ..modules import in_out_features, is_linear
-from ..tuners.factorized import aligned_rows, default_rank_multiple
+from ..memory import release_pages, trim_memory
+from ..tuners.factorized import aligned_rows, default_rank_multiple, pad_factor
 from .checkpoint import (
     COMPRESSION_CONFIG,
     SCALE_SUFFIX,
@@ -82,17 +82,26 @@ class CompressedModel:
                 t = t.to(dtype)
             return t.to(device)
 
-        def factor(name: str) -> nn.Parameter:
-            # rows on cache lines (a view into padded storage where needed): faster decoding, same values
-            if not int8:
+        multiple = default_rank_multiple(compute_dtype, torch.device(device)) if rank_multiple is None else rank_multiple
+
+        def factor(name: str, rank_dim: int) -> nn.Parameter:
+            # Laid out once, in its final form: padded to ``multiple`` along the rank (``pad_ranks``), or with its rows
+            # on cache lines (faster decoding). A second copy per factor (aligned, then padded) left the first ones'
+            # memory in the heap: the bfloat16 + int8 load peaked at twice the model's bytes.
+            if int8:
+                q, scale = shards.get(name), shards.get(name + SCALE_SUFFIX)
+                used.update((name, name + SCALE_SUFFIX))
+                read = dequantize_rows_int8(q, scale, compute_dtype).to(device)
+                release_pages(q)  # the int8 values are read: their mapped pages are not needed any more
+            else:
                 read = tensor(name)
-                aligned = aligned_rows(read)
-                if aligned is not read:
-                    release_pages(read)  # copied: the mapped checkpoint's pages are not needed any more
-                return nn.Parameter(aligned, requires_grad=False)
-            q, scale = shards.get(name), shards.get(name + SCALE_SUFFIX)
-            used.update((name, name + SCALE_SUFFIX))
-            return nn.Parameter(aligned_rows(dequantize_rows_int8(q, scale, compute_dtype).to(device)), requires_grad=False)
+            param = nn.Parameter(read, requires_grad=False)
+            if multiple > 1 and pad_factor(param, rank_dim, multiple):
+                return param  # a view of its padded copy; the mapped pages were released
+            aligned = aligned_rows(read)
+            if aligned is not read:
+                release_pages(read)  # copied: the mapped checkpoint's pages are not needed any more
+            return param if aligned is read else nn.Parameter(aligned, requires_grad=False)
 
         try:
             bases: dict[str, nn.Parameter] = {}
@@ -108,8 +117,8 @@ class CompressedModel:
                         "two files come from different models. Save the checkpoint again."
                     )
                 if spec["basis"] not in bases:
-                    bases[spec["basis"]] = factor(spec["basis"])
-                basis, coefficient = bases[spec["basis"]], factor(spec["coefficient"])
+                    bases[spec["basis"]] = factor(spec["basis"], 0)
+                basis, coefficient = bases[spec["basis"]], factor(spec["coefficient"], 1)
                 bias = None if spec["bias"] is None else nn.Parameter(tensor(spec["bias"]), requires_grad=False)
                 d_in, d_out = in_out_features(target)
                 if basis.shape[1] != d_in or coefficient.shape[0] != d_out or coefficient.shape[1] != basis.shape[0]:
@@ -154,7 +163,8 @@ class CompressedModel:
         if still_meta:
             raise CompressedCheckpointError(f"{len(still_meta)} tensors were not in the checkpoint (e.g. {still_meta[:3]}).")
         model.to(device)  # buffers computed from the config (rotary frequencies) were built on the CPU
-        pad_ranks(model, default_rank_multiple(compute_dtype, torch.device(device)) if rank_multiple is None else rank_multiple)
+        pad_ranks(model, multiple)  # a no-op where the factors were padded as they were read (CPU); a move may drop it
+        trim_memory()  # the dequantisation's and the reads' temporaries
         _load_generation_config(model, folder)
         setattr(model, COMPRESSION_ATTR, compression)  # how it was made; save_compressed reads it to save again
         model.save_pretrained = types.MethodType(_save_pretrained, model)
