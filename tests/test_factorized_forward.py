@@ -93,6 +93,13 @@ def test_aligned_rows_keeps_values_and_aligns_rows(dtype, step):
     assert aligned_rows(wide) is wide
     row = torch.randn(1, 13)
     assert aligned_rows(row) is row  # one row: nothing to align
+    # cast on the way in (the decomposition workers' float32 factors into the model's dtype): one copy
+    source = torch.randn(7, 13)
+    cast = aligned_rows(source, dtype)
+    assert cast.dtype == dtype and torch.equal(cast, source.to(dtype)) and cast.data_ptr() % 64 == 0
+    assert cast.stride() == ((step, 1) if dtype != torch.float32 else (16, 1))
+    whole = aligned_rows(torch.randn(3, 64), dtype)
+    assert whole.dtype == dtype and whole.is_contiguous() and whole.data_ptr() % 64 == 0
 
 
 def _compressed(build):

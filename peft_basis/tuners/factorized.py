@@ -74,12 +74,23 @@ def _aligned_stride(columns: int, element_size: int) -> int:
     return -(-columns // step) * step
 
 
-def aligned_rows(t: torch.Tensor) -> torch.Tensor:
+def aligned_rows(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``t`` (2-D) with each row starting on a 64-byte boundary: itself when its rows already do, otherwise a
     view into zero-padded storage (same values and shape, row stride rounded up; at most 15 float32 of padding
     per row). Why: a coefficient ``d_out x rank`` has rows of ``rank`` floats, rarely a multiple of 16, and
     the matrix-vector products of decoding stream misaligned rows measurably slower. Saving copies it back to
-    contiguous (PEFT and ``save_compressed`` both do), so checkpoints are unchanged."""
+    contiguous (PEFT and ``save_compressed`` both do), so checkpoints are unchanged. ``dtype``: the result's,
+    cast on the way into the padded storage (one copy, not a cast and then an aligned copy)."""
+    if dtype is not None and dtype != t.dtype:
+        if t.dim() != 2 or t.shape[0] <= 1 or t.shape[1] == 0:
+            return t.to(dtype)
+        stride = _aligned_stride(t.shape[1], torch.empty(0, dtype=dtype).element_size())
+        if stride == t.shape[1]:
+            return t.to(dtype, memory_format=torch.contiguous_format)  # rows of whole cache lines: aligned as allocated
+        with torch.no_grad():
+            storage = t.new_zeros(t.shape[0], stride, dtype=dtype)
+            storage[:, : t.shape[1]] = t
+        return storage[:, : t.shape[1]]
     if t.dim() != 2 or t.shape[0] <= 1 or t.shape[1] == 0:
         return t
     if (t.stride(1) == 1 and t.stride(0) >= t.shape[1] and (t.stride(0) * t.element_size()) % ROW_ALIGNMENT_BYTES == 0

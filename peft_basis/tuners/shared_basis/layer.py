@@ -25,7 +25,7 @@ def in_layer_layout(f: GroupFactors, dtype: torch.dtype) -> GroupFactors:
     """The factors as the layers hold them: in the model's ``dtype``, coefficient rows on cache lines
     (``aligned_rows``). Run where the factors were made (a decomposition worker): glibc keeps a heap per thread,
     so copies made in the main thread would grow its heap while the originals' memory stays with the worker's."""
-    return GroupFactors(f.basis.to(dtype), [aligned_rows(c.to(dtype)) for c in f.coefficients], f.eigenvalues)
+    return GroupFactors(f.basis.to(dtype), [aligned_rows(c, dtype) for c in f.coefficients], f.eigenvalues)
 
 
 class SharedBasisLayer(FactorizedLayerMixin, nn.Module, BaseTunerLayer):
