@@ -127,5 +127,6 @@ def test_calibrate_command_saves_statistics_whole_or_layer_by_layer(tmp_path, me
         assert not CalibrationStatistics.load(str(tmp_path / "bases.safetensors")).grams
         ref = models[0].state_dict()
         for m in models[1:]:  # (the whole-model Grams are summed a sequence at a time: another rounding)
-            for k, v in m.state_dict().items():
-                torch.testing.assert_close(v, ref[k], rtol=1e-4, atol=3e-5)
+            for k, v in m.state_dict().items():  # atol on the tensor's scale: o_proj's basis_R reaches 25
+                scale = max(1.0, float(ref[k].abs().max()))
+                torch.testing.assert_close(v, ref[k], rtol=1e-4, atol=3e-5 * scale)

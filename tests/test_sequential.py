@@ -36,7 +36,7 @@ def whole_model_adapter(model, config, data, path):
     return peft_model
 
 
-def assert_same_adapter(whole_dir, seq_dir, atol=1e-5):
+def assert_same_adapter(whole_dir, seq_dir, atol=1e-4):  # float32 eigh of Grams summed in another order: 6e-5 on AVX2
     a = load_file(os.path.join(whole_dir, "adapter_model.safetensors"))
     b = load_file(os.path.join(seq_dir, "adapter_model.safetensors"))
     assert sorted(a) == sorted(b)
@@ -79,10 +79,12 @@ def test_same_adapter_as_whole_model_path(arch, allocation, tmp_path):
     base = BUILDERS[arch](layers=3)
     path = save_checkpoint(base, tmp_path / "base")
     data = token_batches(3)
-    whole = whole_model_adapter(base, SharedBasisConfig(compression_ratio=0.3, rank_allocation=allocation), data,
-                                tmp_path / "whole")
-    report = compress_sequential(path, SharedBasisConfig(compression_ratio=0.3, rank_allocation=allocation), data,
-                                 str(tmp_path / "seq"), progress=False)
+    # a global budget on a random tiny model lands some module a rank from break-even: which side it falls on (kept
+    # dense or factorised, the budget then reallocated) turns on the Grams' rounding, which the paths do not share
+    # (on the CPU the whole-model pass runs a batch a sequence at a time)
+    kwargs = dict(compression_ratio=0.3, rank_allocation=allocation, dense_at_break_even=allocation == "uniform")
+    whole = whole_model_adapter(base, SharedBasisConfig(**kwargs), data, tmp_path / "whole")
+    report = compress_sequential(path, SharedBasisConfig(**kwargs), data, str(tmp_path / "seq"), progress=False)
     assert_same_adapter(tmp_path / "whole", tmp_path / "seq")
     assert sorted(os.listdir(tmp_path / "seq")) == ["adapter_config.json", "adapter_model.safetensors"]  # scratch gone
     # the report matches the tuner's, error for error
