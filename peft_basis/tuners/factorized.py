@@ -81,24 +81,17 @@ def aligned_rows(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.
     the matrix-vector products of decoding stream misaligned rows measurably slower. Saving copies it back to
     contiguous (PEFT and ``save_compressed`` both do), so checkpoints are unchanged. ``dtype``: the result's,
     cast on the way into the padded storage (one copy, not a cast and then an aligned copy)."""
-    if dtype is not None and dtype != t.dtype:
-        if t.dim() != 2 or t.shape[0] <= 1 or t.shape[1] == 0:
-            return t.to(dtype)
-        stride = _aligned_stride(t.shape[1], torch.empty(0, dtype=dtype).element_size())
-        if stride == t.shape[1]:
-            return t.to(dtype, memory_format=torch.contiguous_format)  # rows of whole cache lines: aligned as allocated
-        with torch.no_grad():
-            storage = t.new_zeros(t.shape[0], stride, dtype=dtype)
-            storage[:, : t.shape[1]] = t
-        return storage[:, : t.shape[1]]
+    dtype = t.dtype if dtype is None else dtype
     if t.dim() != 2 or t.shape[0] <= 1 or t.shape[1] == 0:
+        return t.to(dtype)
+    if (dtype == t.dtype and t.stride(1) == 1 and t.stride(0) >= t.shape[1] and t.data_ptr() % ROW_ALIGNMENT_BYTES == 0
+            and (t.stride(0) * t.element_size()) % ROW_ALIGNMENT_BYTES == 0):  # aligned already (contiguous, or a view)
         return t
-    if (t.stride(1) == 1 and t.stride(0) >= t.shape[1] and (t.stride(0) * t.element_size()) % ROW_ALIGNMENT_BYTES == 0
-            and t.data_ptr() % ROW_ALIGNMENT_BYTES == 0):  # aligned rows already (contiguous, or a view of such)
-        return t
-    stride = _aligned_stride(t.shape[1], t.element_size())
+    stride = _aligned_stride(t.shape[1], torch.empty(0, dtype=dtype).element_size())
+    if dtype != t.dtype and stride == t.shape[1]:
+        return t.to(dtype, memory_format=torch.contiguous_format)  # rows of whole cache lines: aligned as allocated
     with torch.no_grad():
-        storage = t.new_zeros(t.shape[0], stride)
+        storage = t.new_zeros(t.shape[0], stride, dtype=dtype)
         storage[:, : t.shape[1]] = t
     return storage[:, : t.shape[1]]
 
