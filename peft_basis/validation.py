@@ -17,7 +17,8 @@ import torch
 
 from .errors import CalibrationError, CheckpointError, ConfigError
 
-__all__ = ["check_adapter_tensors", "check_finite_weights", "check_token_batch", "choice", "int_list", "number"]
+__all__ = ["check_adapter_tensors", "check_finite_weights", "check_token_batch", "choice", "int_list", "number",
+           "warn_if_half_precision_is_emulated"]
 
 
 # ---- config fields ------------------------------------------------------------------------------------
@@ -89,6 +90,31 @@ def check_finite_parameters(module: torch.nn.Module, name: str, what: str = "thi
                 "model is damaged (a failed load, an overflow in an earlier edit, a corrupt checkpoint): reload it "
                 "from its checkpoint, in float32 or bfloat16."
             )
+
+
+# ---- compute dtype -----------------------------------------------------------------------------------
+def warn_if_half_precision_is_emulated(dtype: torch.dtype, device, what: str = "This model") -> bool:
+    """Warn where ``dtype`` (bfloat16, float16) would run on an x86 CPU without AVX-512 (or AMX): there the
+    16-bit matrix products are emulated, several times slower than float32 (docs/performance.md). Returns
+    whether it warned."""
+    import platform
+    import warnings
+
+    if dtype not in (torch.bfloat16, torch.float16) or torch.device(device).type != "cpu":
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False  # ARM CPUs run bfloat16 natively where they have it; nothing measured here
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.upper().startswith(("AVX512", "AMX")):
+        return False
+    name = str(dtype).removeprefix("torch.")
+    warnings.warn(
+        f"{what} computes in {name} on this CPU ({capability}, no AVX-512 or AMX), where {name} matrix products are "
+        f"emulated and several times slower than float32. For speed, pass dtype=torch.float32 (the {name} "
+        "checkpoint still saves disk and download).",
+        stacklevel=3,
+    )
+    return True
 
 
 # ---- token batches ------------------------------------------------------------------------------------

@@ -168,6 +168,30 @@ def test_int8_factors_roundtrip_error_bounded_and_smaller(build, tmp_path):
     assert torch.equal(logits(CompressedModel.from_pretrained(again)), logits(model))
 
 
+@pytest.mark.parametrize("capability,warns", [("AVX2", True), ("NO AVX", True), ("AVX512", False)])
+def test_sixteen_bit_on_a_cpu_without_avx512_warns_once_with_the_fix(tmp_path, monkeypatch, capability, warns):
+    import platform
+    import warnings
+
+    peft_model, _ = shared_basis()
+    folder = save_compressed(peft_model, str(tmp_path / "bf16"), dtype=torch.bfloat16)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        CompressedModel.from_pretrained(folder)  # computes in the saved bfloat16
+        CompressedModel.from_pretrained(folder, dtype=torch.float32)  # float32: never warned
+    emulated = [str(w.message) for w in caught if "emulated" in str(w.message)]
+    assert len(emulated) == (1 if warns else 0)
+    if warns:
+        assert "bfloat16" in emulated[0] and "dtype=torch.float32" in emulated[0] and capability in emulated[0]
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")  # not x86: nothing measured, no warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        CompressedModel.from_pretrained(folder)
+    assert not [w for w in caught if "emulated" in str(w.message)]
+
+
 def test_int8_dequantises_to_the_compute_dtype(tmp_path):
     peft_model, _ = shared_basis()
     q8 = save_compressed(peft_model, str(tmp_path / "q8"), dtype=torch.bfloat16, factors="int8")

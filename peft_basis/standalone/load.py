@@ -12,6 +12,7 @@ from torch import nn
 from ..modules import in_out_features, is_linear
 from ..memory import release_pages, trim_memory
 from ..tuners.factorized import aligned_rows, default_rank_multiple, pad_factor
+from ..validation import warn_if_half_precision_is_emulated
 from .checkpoint import (
     COMPRESSION_CONFIG,
     SCALE_SUFFIX,
@@ -71,6 +72,7 @@ class CompressedModel:
         shards = CompressedShards(folder)
         stored_dtype = dtype_from_name(compression["dtype"])
         compute_dtype = dtype or stored_dtype
+        warn_if_half_precision_is_emulated(compute_dtype, device, "The compressed model")
         int8 = compression["factors"] == "int8"
         model = meta_model(folder, compute_dtype)
         used: set[str] = set()
