@@ -93,6 +93,27 @@ def bare_forward_seconds(model, batches) -> float:
         return time.perf_counter() - t0
 
 
+def host_cpu() -> str:
+    """The CPU the numbers come from, with the vector and matrix units the kernels choose by (speed-ups differ
+    between an AVX2 host and an AVX-512 + AMX one: bfloat16 without AMX or AVX-512 BF16 runs emulated)."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    units = [u for u in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if u in flags]
+    return f"{name} ({', '.join(units) or 'no AVX2'})"
+
+
 def run_worker(script: str, argv: list[str], what: str) -> dict:
     """Run ``script --worker *argv`` in a fresh process (the repository first on its path) and return the
     dict it printed on its last ``RESULT `` line."""

@@ -40,7 +40,7 @@ import tempfile
 import time
 import warnings
 
-from compression_quality import bare_forward_seconds, page_in, param_bytes, run_worker
+from compression_quality import bare_forward_seconds, host_cpu, page_in, param_bytes, run_worker
 from standalone import weights_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -392,7 +392,7 @@ def main(argv=None) -> None:
     os.makedirs(args.work, exist_ok=True)
     result = {"model": "SmolLM2-135M-Instruct", "layers": args.layers, "threads": args.threads, "ratio": args.ratio,
               "repeats": args.repeats, "peft_basis_version": peft_basis.__version__, "torch": torch.__version__,
-              "cost": [], "load": []}
+              "cpu": host_cpu(), "cost": [], "load": []}
 
     def save() -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -445,7 +445,7 @@ def markdown(r: dict) -> str:
     lines = ["# Shipping a compressed model (`benchmarks/shipping.py`)\n",
              f"{r['model']}{cut}, Basis Sharing {r['ratio']:.0%} of the targeted parameters removed, group_size=1, "
              f"whitened, uniform ranks; calibrated on {r.get('calib_tokens', 0):,} Britannica tokens. "
-             f"{r['threads']} torch thread(s), CPU, peft-basis {r['peft_basis_version']}, torch {r['torch']}. "
+             f"{r['threads']} torch thread(s), CPU {r.get('cpu', '(not recorded)')}, peft-basis {r['peft_basis_version']}, torch {r['torch']}. "
              "Method and caveats: docs/performance.md.\n"]
     if "sizes" in r:
         s, d = r["sizes"], r["sizes"]["dense-float32"]
