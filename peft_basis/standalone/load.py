@@ -24,7 +24,7 @@ from .checkpoint import (
     read_compression_config,
     set_tensor,
 )
-from .modules import LowRankLinear, pad_ranks
+from .modules import LowRankLinear
 from .save import COMPRESSION_ATTR, push_compressed_to_hub, save_compressed
 
 __all__ = ["CompressedModel"]
@@ -165,7 +165,6 @@ class CompressedModel:
         if still_meta:
             raise CompressedCheckpointError(f"{len(still_meta)} tensors were not in the checkpoint (e.g. {still_meta[:3]}).")
         model.to(device)  # buffers computed from the config (rotary frequencies) were built on the CPU
-        pad_ranks(model, multiple)  # a no-op where the factors were padded as they were read (CPU); a move may drop it
         trim_memory()  # the dequantisation's and the reads' temporaries
         _load_generation_config(model, folder)
         setattr(model, COMPRESSION_ATTR, compression)  # how it was made; save_compressed reads it to save again

@@ -87,7 +87,7 @@ def aligned_rows(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.
     if (dtype == t.dtype and t.stride(1) == 1 and t.stride(0) >= t.shape[1] and t.data_ptr() % ROW_ALIGNMENT_BYTES == 0
             and (t.stride(0) * t.element_size()) % ROW_ALIGNMENT_BYTES == 0):  # aligned already (contiguous, or a view)
         return t
-    stride = _aligned_stride(t.shape[1], torch.empty(0, dtype=dtype).element_size())
+    stride = _aligned_stride(t.shape[1], dtype.itemsize)
     if dtype != t.dtype and stride == t.shape[1]:
         return t.to(dtype, memory_format=torch.contiguous_format)  # rows of whole cache lines: aligned as allocated
     with torch.no_grad():
