@@ -208,7 +208,7 @@ def test_int8_dequantises_to_the_compute_dtype(tmp_path):
             for factor, unpadded in ((m.basis, p.basis), (m.coefficient, p.coefficient)):
                 padded = padded_view(factor)
                 assert padded is not None and padded.data_ptr() == factor.data_ptr() and torch.equal(factor, unpadded)
-    from peft_basis.standalone.checkpoint import all_finite
+    from peft_basis.validation import all_finite
 
     assert all_finite(torch.full((4,), 3e38)) and all_finite(torch.full((4,), 6e4, dtype=torch.float16))  # sums overflow
     assert all_finite(torch.empty(0, dtype=torch.bfloat16)) and all_finite(torch.arange(3))

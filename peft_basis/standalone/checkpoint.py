@@ -18,6 +18,7 @@ import struct
 import torch
 
 from ..errors import CompressedCheckpointError
+from ..validation import all_finite
 from ..io import SafetensorsStreamWriter, meta_model, set_tensor
 
 __all__ = ["CompressedCheckpointError", "SafetensorsStreamWriter", "meta_model", "set_tensor"]
@@ -43,16 +44,6 @@ def dtype_from_name(name: str) -> torch.dtype:
     except KeyError:
         raise CompressedCheckpointError(f"Unknown dtype {name!r} in {COMPRESSION_CONFIG}; expected one of "
                                         f"{sorted(FLOAT_DTYPES)}.") from None
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or inf in ``tensor``: its smallest and largest entries, in one pass (``aminmax`` propagates NaN).
-    No temporary and no overflow, unlike a float32 sum of a 16-bit tensor (which upcasts it whole) or
-    ``isfinite(t).all()`` (a bool per entry)."""
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return True
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 # ---- int8 factors ------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..io.folders import atomic_folder
+from ..validation import all_finite
 from .checkpoint import (
     COMPRESSION_CONFIG,
     FACTOR_FORMATS,
@@ -23,7 +24,6 @@ from .checkpoint import (
     SHARD,
     CompressedCheckpointError,
     SafetensorsStreamWriter,
-    all_finite,
     dtype_name,
     quantize_rows_int8,
 )
