@@ -148,6 +148,55 @@ def test_only_the_current_layer_is_materialised(tmp_path):
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
+def test_the_sweep_ends_with_the_last_targeted_layer(tmp_path):
+    """Layers past the last target are never read or run, unless a handler asks for them or needs the loss; the
+    adapter and the Fisher scores equal the whole-model path's."""
+    from peft_basis.calibration import calibrate_sequential
+    from peft_basis.tuners.basis import BasisConfig
+
+    base = tiny_llama(layers=4)
+    path = save_checkpoint(base, tmp_path / "base")
+    data = token_batches(2)
+    config = SharedBasisConfig(compression_ratio=0.3, layers_to_transform=[0, 1])
+
+    def sweep(**attrs):
+        class Record(LayerHandler):
+            def on_start(self, run):
+                self.seen = []
+
+            def on_layer_calibrated(self, layer):
+                self.seen.append(layer.index)
+
+            def on_end(self):
+                return self.seen
+
+        for k, v in attrs.items():
+            setattr(Record, k, v)
+        pipeline = LayerSequentialPipeline(path, lambda m: SharedBasisModel.resolve_target_names(m, config), data,
+                                           progress=False)
+        onloaded, onload = [], pipeline.source.onload_layer
+        pipeline.source.onload_layer = lambda layer, prefix: (onloaded.append(prefix), onload(layer, prefix))
+        return pipeline.run(Record()), onloaded
+
+    assert sweep() == ([0, 1], ["model.layers.0.", "model.layers.1."])
+    assert sweep(needs_all_layers=True)[0] == [0, 1, 2, 3]
+    # the same adapter as the whole-model path
+    whole_model_adapter(base, SharedBasisConfig(compression_ratio=0.3, layers_to_transform=[0, 1]), data,
+                        tmp_path / "whole")
+    compress_sequential(path, SharedBasisConfig(compression_ratio=0.3, layers_to_transform=[0, 1]), data,
+                        str(tmp_path / "seq"), progress=False)
+    assert_same_adapter(tmp_path / "whole", tmp_path / "seq")
+    # the Fisher scores need the loss: every layer runs, and the scores equal the whole-model ones
+    fisher = dict(r=2, rank_allocation="fisher", layers_to_transform=[0])
+    ws = calibrate(AutoModelForCausalLM.from_pretrained(path), BasisConfig(**fisher), data, progress=False)
+    ss = calibrate_sequential(path, BasisConfig(**fisher), data, progress=False)
+    keys = sorted(k for k in ws.extra if k.startswith("fisher"))
+    assert keys and keys == sorted(k for k in ss.extra if k.startswith("fisher"))
+    for k in keys:
+        assert ws.extra[k].abs().max() > 0
+        torch.testing.assert_close(ss.extra[k], ws.extra[k], rtol=1e-4, atol=1e-7)
+
+
 def test_unsupported_settings_fail_with_the_fix(tmp_path):
     path = save_checkpoint(tiny_llama(layers=2), tmp_path / "base", shard=False)
     with pytest.raises(ValueError, match="group_size='auto'.*integer group_size"):

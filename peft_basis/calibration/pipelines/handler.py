@@ -82,12 +82,16 @@ class LayerHandler:
     - ``needs_backward``: keep every layer's dense inputs and run the backward sweep after the forward one.
     - ``capture_dense_inputs``: capture the targets' inputs on the dense stream in the pass that computes the
       dense outputs (``LayerContext.stages`` / ``dense_inputs``), instead of a pass of the handler's own.
+    - ``needs_all_layers``: hand over every decoder layer. By default the forward sweep ends with the last layer
+      that holds a target (the layers after it change nothing a handler sees); with ``needs_backward`` it always
+      runs them all.
     """
 
     streams: str = "dense"
     gram_stream: str | None = "dense"
     needs_backward: bool = False
     capture_dense_inputs: bool = False
+    needs_all_layers: bool = False
 
     def on_start(self, run: PipelineRun) -> None:
         pass

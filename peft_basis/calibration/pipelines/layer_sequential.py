@@ -4,7 +4,8 @@ This module runs the model and nothing else (llm-compressor's sequential pipelin
 batches go through the embeddings once; then, layer after layer, the layer is onloaded (from the
 checkpoint's safetensors shards, or already in memory), its targets' input Grams are streamed by the
 same hooks as the whole-model pipeline, the method's :class:`LayerHandler` gets the layer's events,
-and the layer's outputs become the next layer's inputs before it is offloaded. A method never runs
+and the layer's outputs become the next layer's inputs before it is offloaded; the sweep ends with the
+last layer that holds a target (unless the handler needs the loss or every layer). A method never runs
 the model itself; it reacts to events:
 
 - ``on_start(run)``: the model (meta or real), the target names, the layer container.
@@ -288,7 +289,12 @@ class LayerSequentialPipeline:
             by_layer.setdefault(layer_index(n[len(self.container_name):]), []).append(n)
         first_type = getattr(self.layers[0], "attention_type", None)
         prefix0 = self.container_name + "."
-        for i, layer in enumerate(tqdm(self.layers, desc="layers", unit="layer", disable=not self.progress)):
+        # past the last targeted layer nothing is calibrated: stop there, unless the loss is needed (the backward
+        # sweep starts from it) or the handler asks for every layer
+        runs_all = handler.needs_backward or handler.needs_all_layers or not by_layer
+        stop = len(self.layers) if runs_all else max(by_layer) + 1
+        for i in tqdm(range(stop), desc="layers", unit="layer", disable=not self.progress):
+            layer = self.layers[i]
             if getattr(layer, "attention_type", None) != first_type:
                 raise NotImplementedError(
                     f"Layer {i} uses attention type {layer.attention_type!r} but layer 0 uses {first_type!r} (a hybrid "
