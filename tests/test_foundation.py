@@ -88,6 +88,37 @@ def test_grams_are_laid_out_before_the_first_batch_and_count_only_its_tokens():
     assert set(stats.tokens.values()) == {2 * 2 * 32}
 
 
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_the_gram_pass_stops_after_the_last_targeted_layer(make):
+    """Targets in layers 0-1 of 4: layers 2-3 never run, the Grams equal the full forward's; a target in the last
+    layer (or outside the layers) runs them all."""
+    from peft_basis.calibration.grams import last_targeted_layer
+    from peft_basis.calibration.pipelines.whole_model import collect_grams
+
+    model = make(layers=4)
+    layers = model.model.layers if make is tiny_llama else model.transformer.h
+    prefix = "model.layers" if make is tiny_llama else "transformer.h"
+    linears = [n for n, m in model.named_modules() if n.startswith(prefix + ".") and type(m).__name__ in
+               ("Linear", "Conv1D")]
+    early = [n for n in linears if n.startswith((f"{prefix}.0.", f"{prefix}.1."))]
+    assert last_targeted_layer(model, early) is layers[1]
+    assert last_targeted_layer(model, linears) is None and last_targeted_layer(model, early + ["lm_head"]) is None
+    ran = []
+    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: ran.append(i)) for i, layer in enumerate(layers)]
+    data = token_batches(2, batch=2)
+    full = collect_grams(model, linears, data, progress=False)
+    assert set(ran) == {0, 1, 2, 3}
+    ran.clear()
+    part = collect_grams(model, early, data, progress=False)
+    assert set(ran) == {0, 1}
+    for h in handles:
+        h.remove()
+    assert set(part.grams) == {g for g in full.grams if g.startswith(tuple(early))}
+    for g in part.grams:
+        assert part.tokens[g] == full.tokens[g]
+        torch.testing.assert_close(part.grams[g], full.grams[g], rtol=0, atol=0)
+
+
 def test_statistics_save_load_roundtrip(tmp_path):
     model = tiny_gpt2(layers=2)
     config = SharedBasisConfig()

@@ -20,7 +20,7 @@ import weakref
 import torch
 from torch import nn
 
-from ..modules import in_out_features
+from ..modules import in_out_features, layer_index
 from ..validation import check_finite_parameters
 from .statistics import INPUT_TRACE, OUTPUT_GRAM, CalibrationStatistics
 
@@ -215,3 +215,21 @@ def backbone(model: nn.Module, target_names: Iterable[str]) -> tuple[nn.Module, 
     if isinstance(inner, nn.Module) and inner is not model and all(n.startswith(prefix + ".") for n in target_names):
         return inner, prefix + "."
     return model, ""
+
+
+def last_targeted_layer(model: nn.Module, target_names: Iterable[str]) -> nn.Module | None:
+    """The decoder layer after which no target runs, where a forward that only streams statistics can stop: every
+    target inside one ``ModuleList`` of distinct layers, and the last layer holding one not the list's last
+    (None otherwise)."""
+    names = list(target_names)
+    if not names or any(layer_index(n) is None for n in names):
+        return None
+    first = names[0]
+    container_name = first[: first.index(f".{layer_index(first)}.")]
+    if not all(n.startswith(container_name + ".") for n in names):
+        return None
+    container = model.get_submodule(container_name)
+    if not isinstance(container, nn.ModuleList) or len({id(m) for m in container}) < len(container):
+        return None
+    last = max(layer_index(n[len(container_name):]) for n in names)
+    return container[last] if last < len(container) - 1 else None

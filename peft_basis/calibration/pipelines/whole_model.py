@@ -5,6 +5,9 @@ Cost floor of the Gram pass: the forward passes plus, per token and per *distinc
 Gram update (``d_in^2 / 2`` multiply-adds); the decoder runs without its ``lm_head`` when no target needs
 it (the 49k-vocab head of SmolLM2 is ~20% of its forward).
 
+When every target sits in the first layers (``layers_to_transform``), the Gram pass stops after the last layer
+holding one.
+
 Memory floor: the model, the Grams and one decoder layer's activations. The Grams are all made before the
 first batch (a forward of a few tokens lays them out), not among its activations: made during it, they leave
 the heap in pieces the allocator keeps. Even so, in some runs (about one in five, whatever the hash seed,
@@ -27,7 +30,7 @@ from tqdm.auto import tqdm
 from ...errors import CalibrationError
 from ...memory import trim_memory
 from ..fisher import accumulators, batch_labels, finish_fisher, sequence_loss
-from ..grams import GramCollector, backbone, batch_to_kwargs, model_device
+from ..grams import GramCollector, backbone, batch_to_kwargs, last_targeted_layer, model_device
 from ..statistics import CalibrationStatistics
 
 __all__ = ["WholeModelPipeline", "collect_fisher", "collect_grams", "model_loss"]
@@ -77,6 +80,7 @@ def collect_grams(
         raise ValueError(f"calibrate: modules not found in the model: {missing[:5]}")
     collector = GramCollector({n: named[n] for n in target_names}, stats, output_modules)
     runner, _ = backbone(model, target_names)
+    runner = _stopping_after(runner, last_targeted_layer(model, target_names))
     device = model_device(model)
     total = len(dataloader) if hasattr(dataloader, "__len__") else None
     if max_batches is not None and total is not None:
@@ -111,6 +115,30 @@ def collect_grams(
             f"(e.g. {never_called[:3]}). Remove them from `target_modules`."
         )
     return collector.finalize()
+
+
+class _LastTargetDone(Exception):
+    pass
+
+
+def _stopping_after(runner: nn.Module, layer: nn.Module | None):
+    """``runner``, its forward ended once ``layer`` has run (the layers after it change no statistic)."""
+    if layer is None:
+        return runner
+
+    def stop(_module, _args, _output):
+        raise _LastTargetDone
+
+    def run(**kwargs):
+        handle = layer.register_forward_hook(stop)
+        try:
+            runner(**kwargs)
+        except _LastTargetDone:
+            pass
+        finally:
+            handle.remove()
+
+    return run
 
 
 def _sequences(kwargs: dict, device: torch.device):
