@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import CalibrationError
+from .validation import all_finite
 
 __all__ = [
     "DEFAULT_DAMPING", "CalibrationError", "GroupFactors", "OutputGram", "Whitener", "WhitenerCache", "anchored_error",
@@ -66,9 +67,7 @@ def decomposition_threads():
 
 
 def check_finite_gram(gram: torch.Tensor, name: str = "module") -> None:
-    # A finite sum proves every entry finite (NaN and inf propagate into it); only a non-finite sum (such an
-    # entry, or a sum that overflowed) needs the element-wise test. One reduction instead of a boolean copy.
-    if not torch.isfinite(gram.sum()) and not torch.isfinite(gram).all():
+    if not all_finite(gram):
         raise CalibrationError(
             f"The calibration Gram of {name} contains NaN or Inf. The model produced non-finite activations on the "
             "calibration data (often fp16 overflow): calibrate in float32 or bfloat16, or remove the offending samples."

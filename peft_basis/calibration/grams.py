@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..modules import in_out_features, layer_index
-from ..validation import check_finite_parameters
+from ..validation import all_finite, check_finite_parameters
 from .statistics import INPUT_TRACE, OUTPUT_GRAM, CalibrationStatistics
 
 # Below this width one GEMM is cheapest; above it, splitting into blocks and skipping the lower
@@ -201,7 +201,7 @@ class GramCollector:
         for g in [*self.stats.grams.values(), *(self.stats.extra[OUTPUT_GRAM + n] for n in self.output_mode)]:
             symmetrize(g)
         for n in self.output_mode:  # a non-finite output Gram from finite inputs: the module's own weights
-            if not torch.isfinite(self.stats.extra[OUTPUT_GRAM + n].sum()):
+            if not all_finite(self.stats.extra[OUTPUT_GRAM + n]):
                 check_finite_parameters(self.modules[n], n, "calibrating it")
         self.stats.all_reduce()
         self.stats.validate()

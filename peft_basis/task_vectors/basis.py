@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import TaskVectorError
 from ..io import atomic_folder, atomic_write_text, save_streaming
+from ..validation import all_finite
 from .legacy import is_legacy_folder, read_legacy
 from .methods import DEFAULT_CHUNK, accumulate_gram, ae_factors, build_bases, pca_factors
 from .sources import DeltaReader, resolve_path
@@ -378,7 +379,7 @@ def _read_checked(file: str, meta: dict) -> dict[str, torch.Tensor]:
         raise TaskVectorError(f"{file} lacks {missing[:3]} that {CONFIG_NAME} lists: the files do not belong together "
                               "or the save was interrupted. Save the basis again.")
     for k, t in tensors.items():
-        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+        if not t.is_floating_point() or not all_finite(t):
             raise TaskVectorError(f"{file}: {k} is {'not finite' if t.is_floating_point() else t.dtype}; a basis holds "
                                   "finite floating-point tensors. The file is damaged: save the basis again.")
     return tensors
