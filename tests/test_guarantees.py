@@ -198,6 +198,31 @@ def test_a_failed_get_peft_model_leaves_the_model_as_it_was(monkeypatch):
     assert torch.isfinite(logits(pm)).all()
 
 
+@pytest.mark.parametrize("kind", ["shared_basis", "basel", "basis"])
+def test_a_safe_merge_of_non_finite_factors_is_refused_and_changes_nothing(kind):
+    pm, _ = make(tiny_llama(2), kind)
+    out = logits(pm)
+    last = [m for m in pm.modules() if hasattr(m, "merge") and hasattr(m, "base_layer")][-1]
+    param = next(p for n, p in last.named_parameters() if "base_layer" not in n)
+    good = param[(0,) * param.dim()].item()
+    with torch.no_grad():
+        param[(0,) * param.dim()] = float("nan")
+    before = state(pm)
+    # the last module is bad: PEFT merges module by module, so every module is checked before any is merged
+    for merge in (lambda: pm.merge_and_unload(safe_merge=True), lambda: pm.base_model.merge_adapter(safe_merge=True)):
+        with pytest.raises(ValueError, match=r"1 modules .*refusing to merge, and nothing was merged"):
+            merge()
+        after = state(pm)
+        assert after.keys() == before.keys()
+        for k in before:  # not one module merged
+            torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, equal_nan=True)
+        assert not any(getattr(m, "merged", False) for m in pm.modules())
+    with torch.no_grad():
+        param[(0,) * param.dim()] = good
+    merged = pm.merge_and_unload(safe_merge=True)  # finite: merges
+    torch.testing.assert_close(logits(merged), out, atol=1e-4, rtol=1e-4)
+
+
 # ---- loading checks what it loads ----------------------------------------------------------------------------
 def _edit_tensors(folder, edit):
     from safetensors.torch import load_file, save_file

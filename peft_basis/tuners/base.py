@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
 from torch import nn
 
 from ..calibration.protocol import CalibrationMethod
@@ -128,6 +128,32 @@ class PeftBasisTuner(BaseTuner, CalibrationMethod):
         with guarded_creation(type(self), model, self.peft_config, adapter_name):
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                    low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    # ---- safe_merge: every layer checked before any is merged ------------------------------------------
+    def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
+        if safe_merge:
+            self._check_merge_allowed()
+            self._refuse_non_finite_merge(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=False)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names=None):
+        if merge and safe_merge:
+            self._check_merge_allowed()
+            self._refuse_non_finite_merge(adapter_names)
+        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=False,
+                                                    adapter_names=adapter_names)
+
+    def _refuse_non_finite_merge(self, adapter_names) -> None:
+        # PEFT merges module by module: one non-finite module found mid-way would leave the model half merged
+        bad = [n for n, m in self.model.named_modules()
+               if isinstance(m, BaseTunerLayer) and hasattr(m, "merge_is_finite") and not m.merge_is_finite(adapter_names)]
+        if bad:
+            raise ValueError(
+                f"safe_merge: merging would put NaN/Inf into {len(bad)} modules (e.g. {bad[:3]}); refusing to merge, "
+                "and nothing was merged. The adapter's tensors are not finite (a diverged training step, an overflow "
+                "in half precision): load it again from its last good save."
+            )
 
     @classmethod
     def is_loading(cls, config) -> bool:

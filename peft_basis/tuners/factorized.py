@@ -15,6 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..memory import release_pages
+from ..validation import all_finite
 
 
 def drop_dense_weight(base_layer: nn.Module) -> None:
@@ -210,12 +211,17 @@ class FactorizedLayerMixin:
     def adapter_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def merge_is_finite(self, adapter_names=None) -> bool:
+        """Whether the merged weight would be finite; nothing is changed (the tuner asks every layer before it
+        merges any)."""
+        return self.merged or all_finite(self.effective_weight((adapter_names or self.active_adapters)[0]).detach())
+
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         if self.merged:
             return
         adapter = (adapter_names or self.active_adapters)[0]
         weight = self.effective_weight(adapter).detach()
-        if safe_merge and not torch.isfinite(weight).all():
+        if safe_merge and not all_finite(weight):
             raise ValueError(f"NaNs in the factors of adapter {adapter}; refusing to merge.")
         if not dense_is_dropped(self.base_layer):
             self._original_weight = self.base_layer.weight

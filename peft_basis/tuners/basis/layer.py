@@ -6,6 +6,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...modules import in_out_features
+from ...validation import all_finite
 
 
 class BasisLayer(nn.Module, BaseTunerLayer):
@@ -65,18 +66,30 @@ class BasisLayer(nn.Module, BaseTunerLayer):
         return delta * self.basis_scaling.get(adapter_name, 1.0)
 
     # ---- merge ---------------------------------------------------------------------------------------
+    def _delta_as_weight(self, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
+        delta = self.delta_weight(adapter_name).detach().to(dtype)
+        return delta.T if isinstance(self.get_base_layer(), Conv1D) else delta
+
     def _apply_delta(self, adapter_name: str, sign: float, safe_merge: bool = False) -> None:
         weight = self.get_base_layer().weight
-        delta = self.delta_weight(adapter_name).detach().to(weight.dtype)
-        if isinstance(self.get_base_layer(), Conv1D):
-            delta = delta.T
+        delta = self._delta_as_weight(adapter_name, weight.dtype)
         if safe_merge:
             new = weight.data + sign * delta
-            if not torch.isfinite(new).all():
+            if not all_finite(new):
                 raise ValueError(f"NaNs in the BASIS adapter {adapter_name}; refusing to merge.")
             weight.data = new
         else:
             weight.data += sign * delta
+
+    def merge_is_finite(self, adapter_names=None) -> bool:
+        """Whether merging ``adapter_names`` (default: the active ones not merged yet) keeps the weight finite;
+        nothing is changed (the tuner asks every layer before it merges any)."""
+        weight = self.get_base_layer().weight.detach()
+        new = weight
+        for name in adapter_names or self.active_adapters:
+            if name in self.basis_core and name not in self.merged_adapters:
+                new = new + self._delta_as_weight(name, weight.dtype)
+        return new is weight or all_finite(new)
 
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
