@@ -175,6 +175,7 @@ class CalibrationStatistics:
         try:
             tensors = load_file(path)
             sources, tokens = json.loads(metadata["sources"]), json.loads(metadata["tokens"])
+            meta = json.loads(metadata.get("meta", "{}"))
         except Exception as e:  # noqa: BLE001 - a truncated body, or metadata edited by hand
             raise CalibrationError(f"{path} is damaged or truncated ({e}). Re-run `calibrate` and save again.") from e
         for k, v in tensors.items():
@@ -182,9 +183,12 @@ class CalibrationStatistics:
                 raise CalibrationError(f"{path}: {k} is stored as {v.dtype}; statistics are floating point. The file "
                                        "was not written by peft-basis or was converted wrongly: calibrate and save again.")
         grams = {k[5:] for k in tensors if k.startswith("gram/")}
-        # a module's statistics: its Gram, or what stands in for it (BASIS directions, fitted factors)
+        # a module's statistics: its Gram, or what stands in for it (BASIS directions, fitted factors, or none for a
+        # module an anchored fit keeps dense)
+        kept_dense = set(meta.get("factors", {}).get("dense", [])) if isinstance(meta, dict) else set()
         lost = [m for m, key in sources.items() if key not in grams and f"extra/basis_R/{m}" not in tensors
-                and f"extra/factors/coefficient/{m}" not in tensors and f"extra/{OUTPUT_GRAM}{m}" not in tensors]
+                and f"extra/factors/coefficient/{m}" not in tensors and f"extra/{OUTPUT_GRAM}{m}" not in tensors
+                and not (key == "dense" and m in kept_dense)]
         lost += [k for k in grams if k not in tokens]
         if lost:
             raise CalibrationError(f"{path} is incomplete: it names statistics it does not hold (e.g. {lost[:3]}). "
@@ -194,7 +198,7 @@ class CalibrationStatistics:
             extra={k[6:]: v for k, v in tensors.items() if k.startswith("extra/")},
             tokens={k: int(v) for k, v in json.loads(metadata["tokens"]).items()},
             sources=json.loads(metadata["sources"]),
-            meta=json.loads(metadata.get("meta", "{}")),
+            meta=meta,
         )
         stats.validate()
         return stats
