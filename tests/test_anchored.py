@@ -1,6 +1,7 @@
 """Basis Sharing fitted to the dense model (inputs="anchored"): the closed form, the layer pipeline's two
 streams, block refinement, and loss-aware ranks."""
 
+import copy
 import warnings
 
 import pytest
@@ -196,16 +197,76 @@ def test_anchored_settings_fail_with_the_fix():
     assert any("calibration tokens are fitted" in str(w.message) and "at least" in str(w.message) for w in caught)
 
 
-def test_anchored_statistics_save_and_reload_into_the_same_adapter(tmp_path):
+@pytest.mark.parametrize("kw", [{}, dict(rank_allocation="loss", output_weights="fisher")])
+def test_anchored_statistics_save_and_reload_into_the_same_adapter(kw, tmp_path):
     data = token_batches(4)
-    config = _anchored()
-    peft_basis.calibrate(tiny_llama(layers=2), config, data, progress=False, save_to=str(tmp_path / "s.safetensors"))
+    config = _anchored(**kw)
+    stats = peft_basis.calibrate(tiny_llama(layers=2), config, data, progress=False,
+                                 save_to=str(tmp_path / "s.safetensors"))
+    assert bool(stats.meta["factors"]["dense"]) == bool(kw)  # modules kept dense (no factors) reload too
     direct = get_peft_model(tiny_llama(layers=2), config)
-    again = _anchored()
+    again = _anchored(**kw)
     peft_basis.use_statistics(again, str(tmp_path / "s.safetensors"))
     reloaded = get_peft_model(tiny_llama(layers=2), again)
     with torch.no_grad():
         assert torch.equal(direct(IDS).logits, reloaded(IDS).logits)
+
+
+def test_a_ratio_sweep_reuses_the_dense_passes(tmp_path, monkeypatch):
+    """dense_statistics: the second ratio runs neither the dense Gram pass nor the Fisher pass, and its statistics
+    (and adapter) equal a fresh calibration's; from memory or a file, and from a generator of batches too."""
+    from peft_basis.calibration.pipelines import whole_model
+
+    data = token_batches(4)
+    def make(ratio):
+        return SharedBasisConfig(compression_ratio=ratio, group_size=1, inputs="anchored", rank_allocation="loss",
+                                 output_weights="fisher")
+
+    first = peft_basis.calibrate(tiny_llama(layers=2), make(0.3), data, progress=False,
+                                 save_to=str(tmp_path / "s.safetensors"))
+    fresh_config = make(0.5)
+    fresh = peft_basis.calibrate(tiny_llama(layers=2), fresh_config, (b for b in data), progress=False)
+    passes = []
+    for name in ("collect_grams", "collect_fisher"):
+        real = getattr(whole_model, name)
+        monkeypatch.setattr(whole_model, name, lambda *a, _real=real, _name=name, **k: passes.append(_name) or _real(*a, **k))
+    for given in (first, str(tmp_path / "s.safetensors")):
+        config = make(0.5)
+        reused = peft_basis.calibrate(tiny_llama(layers=2), config, data, progress=False, dense_statistics=given)
+        assert passes == []
+        assert reused.extra.keys() == fresh.extra.keys() and reused.meta.keys() == fresh.meta.keys()
+        assert all(torch.equal(reused.extra[k], fresh.extra[k]) for k in fresh.extra)
+        assert reused.meta["factors"] == fresh.meta["factors"] != first.meta["factors"]
+        with torch.no_grad():
+            assert torch.equal(get_peft_model(tiny_llama(layers=2), config)(IDS).logits,
+                               get_peft_model(tiny_llama(layers=2), copy.deepcopy(fresh_config))(IDS).logits)
+
+
+def test_dense_statistics_that_do_not_fit_are_refused():
+    from peft_basis.errors import BaseModelMismatchError
+
+    data = token_batches(4)
+    loss = dict(rank_allocation="loss")
+    first = peft_basis.calibrate(tiny_llama(layers=2), _anchored(**loss), data, progress=False)
+    with pytest.raises(ValueError, match="reads none.*remove `dense_statistics`"):
+        peft_basis.calibrate(tiny_llama(layers=2), _anchored(), data, progress=False, dense_statistics=first)
+    with pytest.raises(ValueError, match="reads none"):
+        peft_basis.calibrate(tiny_llama(layers=2), SharedBasisConfig(compression_ratio=0.3), data, progress=False,
+                             dense_statistics=first)
+    plain = peft_basis.calibrate(tiny_llama(layers=2), SharedBasisConfig(compression_ratio=0.3), data, progress=False)
+    with pytest.raises(ValueError, match="hold no dense-model Fisher scores"):
+        peft_basis.calibrate(tiny_llama(layers=2), _anchored(**loss), data, progress=False, dense_statistics=plain)
+    other = tiny_llama(layers=2)
+    with torch.no_grad():
+        other.model.embed_tokens.weight.mul_(1.5)  # the fingerprint reads the tensors compression keeps
+    with pytest.raises(BaseModelMismatchError, match="dense_statistics"):
+        peft_basis.calibrate(other, _anchored(**loss), data, progress=False, dense_statistics=first)
+    with pytest.raises(ValueError, match="damping=.*the scored directions depend on it"):
+        peft_basis.calibrate(tiny_llama(layers=2), _anchored(damping=1e-2, **loss), data, progress=False,
+                             dense_statistics=first)
+    with pytest.warns(UserWarning, match="other calibration batches"):
+        peft_basis.calibrate(tiny_llama(layers=2), _anchored(**loss), token_batches(4, seq=24), progress=False,
+                             dense_statistics=first)
 
 
 def test_one_anchored_calibration_gives_independent_adapters():

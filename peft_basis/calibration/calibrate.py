@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from itertools import islice
 
 import torch
 from torch import nn
 
+from ..fingerprint import check_fingerprint
 from .fisher import accumulators, finish_fisher
-from .inputs import checked_batches, model_vocab_size, statistics_fingerprint
+from .inputs import batches_fingerprint, checked_batches, model_vocab_size, statistics_fingerprint
 from .pipelines import LayerHandler, LayerSequentialPipeline, WholeModelPipeline, get_pipeline
 from .protocol import method_for
 from .statistics import HELD_APART, CalibrationStatistics
 
 __all__ = ["calibrate", "calibrate_sequential", "use_statistics"]
+
+DENSE_RECIPE = "dense_statistics"  # meta: how the dense model's Fisher scores were made (damping, data, model)
 
 
 def calibrate(
@@ -27,6 +31,7 @@ def calibrate(
     progress: bool = True,
     save_to: str | None = None,
     pipeline: str = "whole_model",
+    dense_statistics: CalibrationStatistics | str | None = None,
 ) -> CalibrationStatistics:
     """Stream the statistics ``config``'s method needs over ``dataloader`` and attach them to ``config``.
 
@@ -37,6 +42,12 @@ def calibrate(
     data and every rank ends with the statistics of all of it. ``pipeline``: ``"whole_model"`` (one pass
     of the whole model per batch) or ``"layer_sequential"`` (one decoder layer at a time: the same
     statistics, less memory; see :func:`calibrate_sequential`).
+
+    ``dense_statistics``: for a fit that runs layer by layer against the dense model and reads its Fisher
+    scores (``SharedBasisConfig(inputs="anchored")`` with ``rank_allocation="loss"`` or
+    ``output_weights="fisher"``; Basel's anchored init), the statistics an earlier such ``calibrate`` of the
+    same model returned (or saved): its dense Grams and Fisher passes are reused instead of run again, so
+    sweeping ``compression_ratio`` costs the fit alone after the first ratio.
     """
     CalibrationStatistics.check_save_path(save_to)  # before any work
     if get_pipeline(pipeline) is LayerSequentialPipeline:
@@ -46,17 +57,38 @@ def calibrate(
         return calibrate_sequential(model, config, dataloader, max_batches=max_batches, progress=progress,
                                     save_to=save_to, activations="memory")
     method = method_for(config)
-    if statistics is None and method.layer_calibrator(config) is not None:
+    layered = statistics is None and method.layer_calibrator(config) is not None
+    if dense_statistics is not None and not (layered and method.needs_fisher(config)):
+        raise ValueError(
+            "dense_statistics are reused by a fit that runs layer by layer against the dense model and reads its "
+            "Fisher scores (SharedBasisConfig(inputs='anchored', rank_allocation='loss' or output_weights='fisher')); "
+            f"this {type(config).__name__} reads none" + (" (and `statistics` were given)" if statistics is not None
+                                                          else "") + ": remove `dense_statistics`."
+        )
+    if layered:
         # the method's statistics need the compressed model's activations, layer by layer (after the dense model's
         # own statistics where it needs them too: Fisher scores for its ranks)
         if dataloader is None:
             raise ValueError("calibrate needs a `dataloader` (or precomputed `statistics`).")
+        dataloader = checked_batches(dataloader, model_vocab_size(model), max_batches)  # read by two pipelines
         dense = None
         if method.needs_fisher(config):
-            dense = _dense_fisher_statistics(model, config, method, dataloader, max_batches, progress)
+            recipe = {"damping": getattr(config, "damping", None), "data": batches_fingerprint(dataloader, max_batches)}
+            if dense_statistics is not None:
+                dense = _reused_dense_statistics(dense_statistics, recipe, model, config)
+            else:
+                dense = _dense_fisher_statistics(model, config, method, dataloader, max_batches, progress)
+                dense.meta[DENSE_RECIPE] = {**recipe, "extra": sorted(dense.extra), "meta": sorted(dense.meta),
+                                            "base_model_fingerprint": statistics_fingerprint(
+                                                model, method.resolve_target_names(model, config))}
         handler = method.layer_calibrator(config, dense)
         stats = LayerSequentialPipeline(model, lambda m: method.resolve_target_names(m, config), dataloader,
                                         max_batches=max_batches, progress=progress).run(handler)
+        if dense is not None:  # carried along (scores, not Grams: small), for the next ratio's dense_statistics
+            for k, v in dense.extra.items():
+                stats.extra.setdefault(k, v)
+            for k, v in dense.meta.items():
+                stats.meta.setdefault(k, v)
         if save_to is not None:
             stats.save(save_to)
         use_statistics(config, stats)
@@ -97,6 +129,29 @@ def calibrate(
         stats.save(save_to)
     use_statistics(config, stats)
     return stats
+
+
+def _reused_dense_statistics(given, recipe: dict, model, config) -> CalibrationStatistics:
+    """The dense model's Fisher scores (and their meta) out of ``given`` (statistics or their file), checked
+    against this run; nothing else of it (an earlier fit's factors) is carried over."""
+    stats = CalibrationStatistics.load(given) if isinstance(given, str) else given
+    made = stats.meta.get(DENSE_RECIPE)
+    if made is None:
+        raise ValueError("These statistics hold no dense-model Fisher scores: pass what `calibrate` returned (or saved) "
+                         f"for an earlier {type(config).__name__}(inputs='anchored', ...) of this model.")
+    check_fingerprint(made.get("base_model_fingerprint"), model, "dense_statistics",
+                      "Calibrate without them (or pass the statistics of this model).")
+    if made["damping"] != recipe["damping"]:
+        raise ValueError(f"dense_statistics were computed with damping={made['damping']}, this config has "
+                         f"damping={recipe['damping']} (the scored directions depend on it): calibrate without them.")
+    if made["data"] != recipe["data"]:
+        warnings.warn("dense_statistics were computed on other calibration batches than these: the ranks and output "
+                      "weights come from that data, the fit from this one.", stacklevel=3)
+    dense = CalibrationStatistics()
+    dense.extra.update({k: stats.extra[k] for k in made["extra"] if k in stats.extra})
+    dense.meta.update({k: stats.meta[k] for k in made["meta"] if k in stats.meta})
+    dense.meta[DENSE_RECIPE] = made
+    return dense
 
 
 def _dense_fisher_statistics(model, config, method, dataloader, max_batches, progress) -> CalibrationStatistics:

@@ -4,16 +4,18 @@ base model's fingerprint recorded in the statistics (:mod:`peft_basis.fingerprin
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Iterable, Iterator
 
+import torch
 from torch import nn
 
 from ..fingerprint import model_fingerprint
 from ..validation import check_token_batch
 from .grams import batch_to_kwargs
 
-__all__ = ["checked_batches", "model_vocab_size", "statistics_fingerprint"]
+__all__ = ["batches_fingerprint", "checked_batches", "model_vocab_size", "statistics_fingerprint"]
 
 
 class _Checked:
@@ -72,3 +74,14 @@ def statistics_fingerprint(model: nn.Module | str, target_names) -> dict | None:
         return model_fingerprint(meta, names, read=lambda n: ckpt.get(n))
     finally:
         ckpt.close()
+
+
+def batches_fingerprint(batches: Iterable, max_batches: int | None = None) -> str:
+    """A digest of the calibration tokens (ids, mask, labels, in order): whether two runs saw the same data."""
+    digest = hashlib.sha256()
+    for batch in itertools.islice(batches, max_batches):
+        for key, value in sorted(batch_to_kwargs(batch, "cpu").items()):
+            value = value.to(torch.int64).contiguous()
+            digest.update(f"{key}{tuple(value.shape)}".encode())
+            digest.update(value.numpy().tobytes())
+    return digest.hexdigest()[:32]
