@@ -31,9 +31,10 @@ import warnings
 import torch
 from torch import nn
 
+from ...calibration.grams import accumulate_gram, symmetrize
 from ...calibration.pipelines import LayerHandler
 from ...distributed import is_distributed, is_main_process
-from ...linalg import anchored_error, anchored_factorize
+from ...linalg import anchored_error, anchored_target, factorize_group
 from ...modules import in_out_features, linear_weight
 from ..factorized import factorized_forward
 from .config import SharedBasisConfig
@@ -61,10 +62,10 @@ class _Stats:
         self.tokens = 0
 
     def add(self, x: torch.Tensor, xs: torch.Tensor) -> None:
-        self.gram_s.addmm_(xs.T, xs)
+        accumulate_gram(self.gram_s, xs)  # the symmetric ones by their upper triangle: ``finish`` mirrors it
         self.cross.addmm_(x.T, xs)
         if self.gram is not None:
-            self.gram.addmm_(x.T, x)
+            accumulate_gram(self.gram, x)
         self.tokens += x.shape[0]
 
     def merged(self, other: "_Stats") -> "_Stats":
@@ -72,7 +73,10 @@ class _Stats:
         out.gram_s, out.cross, out.tokens = self.gram_s + other.gram_s, self.cross + other.cross, self.tokens + other.tokens
         return out
 
-    def all_reduce(self) -> None:
+    def finish(self) -> None:
+        """Complete the symmetric Grams and sum every statistic over the ranks; once, after the last ``add``."""
+        for t in (self.gram_s,) + (() if self.gram is None else (self.gram,)):
+            symmetrize(t)
         if is_distributed():
             for t in (self.gram_s, self.cross) + (() if self.gram is None else (self.gram,)):
                 torch.distributed.all_reduce(t)
@@ -198,19 +202,29 @@ class AnchoredCompressor(LayerHandler):
         fit, held = _Stats(d, False), _Stats(d, True)
         for b, got in pipeline.capture_inputs(layer.layer, "compressed", {owner: layer.targets[owner]}):
             (fit if b in self.fit else held).add(dense_inputs[b][owner], got[owner])
-        fit.all_reduce()
-        held.all_reduce()
+        fit.finish()
+        held.finish()
         weights = {m: linear_weight(layer.targets[m]).detach() for m in stage}
         scales = {m: output_scales(self.statistics, [m], config) for m in stage}  # None unless output_weights="fisher"
+
+        def factorize(stats: _Stats, anchor: float) -> dict:
+            # the stage's modules read one input: their W* come from one solve against its Gs
+            stacked = torch.cat([weights[m].to(torch.float64) for m in stage])
+            targets = anchored_target(stacked, stats.gram_s, stats.cross, anchor, config.damping, owner)
+            targets = targets.split([weights[m].shape[0] for m in stage])
+            # one member: the anchored factorisation is the whitened one of W* in the Gs norm (as in
+            # anchored_factorize, in float64)
+            return {m: factorize_group([t], stats.gram_s, self.rank_of[m], config.damping, m, scales[m])
+                    for m, t in zip(stage, targets)}
+
+        def held_error(m: str, f) -> float:
+            return anchored_error(weights[m], f.coefficients[0], f.basis, held.gram, held.cross, held.gram_s)
+
         candidates = [config.anchor] if config.anchor != "auto" else list(config.anchor_candidates)
         best = None
         if len(candidates) > 1 and held.tokens > 0:
             for a in candidates:
-                err = 0.0
-                for m in stage:
-                    f = anchored_factorize([weights[m]], [fit.gram_s], [fit.cross], self.rank_of[m], a,
-                                           config.damping, m, scales[m])
-                    err += anchored_error(weights[m], f.coefficients[0], f.basis, held.gram, held.cross, held.gram_s)
+                err = sum(held_error(m, f) for m, f in factorize(fit, a).items())
                 if best is None or err < best[0]:
                     best = (err, a)
             anchor = best[1]
@@ -218,12 +232,9 @@ class AnchoredCompressor(LayerHandler):
             anchor = candidates[0] if config.anchor != "auto" else config.anchor_candidates[len(candidates) // 2]
         every = fit.merged(held) if held.tokens else fit
         out = {}
-        for m in stage:
-            f = anchored_factorize([weights[m]], [every.gram_s], [every.cross], self.rank_of[m], anchor,
-                                   config.damping, m, scales[m])
+        for m, f in factorize(every, anchor).items():
             basis, coef = f.basis, f.coefficients[0]
-            held_err = (anchored_error(weights[m], coef, basis, held.gram, held.cross, held.gram_s)
-                        if held.tokens else None)
+            held_err = held_error(m, f) if held.tokens else None
             self.anchors[m] = anchor
             g = self.group_of[m]
             self.reports[g.key] = {**g.report(self.rank_of[m], held_err), "anchor": anchor}
