@@ -15,7 +15,7 @@ measurement runs in a fresh process:
   mean of one before and one after the calibration), and peak memory (VmHWM) over the model's size (the
   model's pages all resident before the baseline). The whitened run also writes the artifacts: the dense checkpoint (a cut one with ``--layers``),
   the PEFT adapter, ``save_compressed`` in float32, bfloat16, bfloat16 with int8 factors. ``anchored`` is
-  the main job's config (``peft-basis``'s defaults: anchored inputs, 2 refinement epochs, loss-aware ranks).
+  the main job's config (``peft-basis``'s defaults: anchored inputs, loss-aware ranks, output Fisher weights, no refinement).
 - load (one per way of loading): seconds and peak memory above the imports, for the dense model,
   ``PeftModel.from_pretrained`` onto the dense base, ``peft_basis.load_lean`` and
   ``CompressedModel.from_pretrained``; the files are in the page cache (just written), so this is the
