@@ -22,6 +22,7 @@ import time
 import warnings
 
 from compression_quality import host_cpu
+from ratio_sweep import recipe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EVAL_DOMAINS = ("britannica", "pydoc", "hamlet")
@@ -49,7 +50,6 @@ def main(argv=None) -> None:
     from peft import get_peft_model
 
     import peft_basis
-    from peft_basis.cli import build_parser, run_config
     from peft_basis.data import default_model_path, load_model, load_text, token_blocks
     from peft_basis.evaluation import perplexity
     from peft_basis.io import atomic_write_text
@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     print(rows[-1], flush=True)
     for name, domains in CALIBRATIONS.items():
         model = copy.deepcopy(base)
-        config = run_config(build_parser().parse_args(["--ratio", str(args.ratio)]))
+        config = recipe(args.ratio)
         t = time.perf_counter()
         peft_basis.calibrate(model, config, calibration_batches(blocks, domains, args.calib_blocks), progress=False)
         peft_model = get_peft_model(model, config)
